@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "Failure",
+    "Interrupted",
     "InvalidRecord",
     "QueryError",
     "SchemaTooNew",
@@ -121,6 +122,12 @@ class QueryError(SymbioteError):
     """A SQL statement failed: syntax, binding, missing table, runtime error."""
 
     code = "query"
+
+
+class Interrupted(SymbioteError):
+    """A running query was stopped by ``interrupt()`` (a cancel or a deadline), not a failure."""
+
+    code = "interrupted"
 
 
 class WriteConflict(SymbioteError):

@@ -1,0 +1,684 @@
+"""The writer's synchronous write path: apply a group of write requests in one transaction.
+
+The writer actor drains its mailbox into a list of requests and calls :func:`apply_batch` in a
+worker thread on the connection it owns. The whole group is written in ONE transaction (one
+commit is a few ms whatever its size, so throughput comes from grouping). If that transaction
+fails, it is rolled back and the group is split in halves, recursively, until the request that
+fails is alone: it gets its typed error and every other request still commits. Requests
+commit in their original order, so "last wins" holds across the halves too.
+
+:func:`apply_batch` returns only after every COMMIT has returned; the caller acknowledges
+requests from the returned outcomes and then publishes the committed chunk changes.
+
+Nothing here knows about trio: it is plain blocking code on one ``DuckDBPyConnection``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import duckdb
+import msgspec
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from symbiote.schema.ddl import META_CHUNK_SEQ, read_meta
+from symbiote.schema.errors import (
+    Failure,
+    InvalidRecord,
+    QueryError,
+    SymbioteError,
+    TooLarge,
+    WriteConflict,
+    WrongMessage,
+)
+from symbiote.schema.messages import (
+    ChunkChange,
+    ChunksCommitted,
+    DeleteChunks,
+    IngestMessages,
+    UpsertChunks,
+    UpsertDocuments,
+    WriteAck,
+    WriteOutcome,
+    WriteRequest,
+)
+from symbiote.schema.records import (
+    Chunk,
+    Document,
+    Limits,
+    Message,
+    validate_chunks,
+    validate_documents,
+    validate_messages,
+)
+
+__all__ = ["BatchResult", "StoreState", "apply_batch", "prepare_request"]
+
+log = logging.getLogger(__name__)
+
+# Errors after which the connection (or the whole database instance) cannot be trusted: the
+# writer must stop and be restarted rather than blame a request.
+_FATAL: Final = (
+    duckdb.FatalException,
+    duckdb.InternalException,
+    duckdb.InterruptException,
+    duckdb.ConnectionException,  # the connection is gone: blaming a request would loop forever
+)
+
+_TS: Final = pa.timestamp("us", tz="UTC")
+_STR: Final = pa.string()
+_STR_LIST: Final = pa.list_(pa.string())
+_json_encoder: Final = msgspec.json.Encoder()
+
+
+# --------------------------------------------------------------------------------------------
+# state and result
+
+
+class StoreState:
+    """What the writer keeps between batches: the limits and the last committed chunk ``seq``.
+
+    Build it with :meth:`load` after :func:`~symbiote.schema.ddl.migrate`. Only
+    :func:`apply_batch` advances ``high_seq``, and only after a COMMIT returned.
+    """
+
+    __slots__ = ("high_seq", "limits")
+
+    def __init__(self, limits: Limits, high_seq: int = 0) -> None:
+        self.limits = limits
+        self.high_seq = high_seq
+
+    @classmethod
+    def load(cls, con: duckdb.DuckDBPyConnection, limits: Limits) -> StoreState:
+        """Read the sequence high-water mark from the database."""
+        stored = int(read_meta(con, META_CHUNK_SEQ) or 0)
+        # The meta row is written in the same transaction as the rows, so it cannot lag; the
+        # max over the tables is a belt-and-braces guard for files edited by hand.
+        row = con.execute(
+            "SELECT greatest((SELECT coalesce(max(seq), 0) FROM chunks),"
+            " (SELECT coalesce(max(seq), 0) FROM chunk_deletes))"
+        ).fetchone()
+        return cls(limits, max(stored, int(row[0]) if row else 0))
+
+
+class BatchResult(msgspec.Struct, kw_only=True):
+    """The result of :func:`apply_batch`.
+
+    ``outcomes[i]`` answers ``requests[i]``. ``changes`` lists committed chunk upserts and
+    deletes in ``seq`` order (empty if none); ``commits`` and ``attempts`` count transactions
+    committed and tried (more attempts than commits means a request failed and was isolated).
+    """
+
+    outcomes: list[WriteOutcome]
+    changes: list[ChunkChange]
+    high_seq: int
+    commits: int = 0
+    attempts: int = 0
+
+    def chunks_committed(self) -> ChunksCommitted | None:
+        """The message to tell the index actor, or None if no chunk changed."""
+        if not self.changes:
+            return None
+        return ChunksCommitted(changes=tuple(self.changes), high_seq=self.high_seq)
+
+
+# --------------------------------------------------------------------------------------------
+# preparation: per-request validation and JSON encoding (so errors carry the request's paths)
+
+_Kind = Literal["messages", "documents", "chunks", "delete"]
+
+
+@dataclass(slots=True)
+class _Prepared:
+    index: int
+    kind: _Kind
+    # Exactly one of these four holds the request's rows, according to ``kind``.
+    messages: tuple[Message, ...] = ()
+    documents: tuple[Document, ...] = ()
+    chunks: tuple[Chunk, ...] = ()
+    ids: tuple[str, ...] = ()
+    # Pre-encoded JSON columns (attrs/pii_flags, extensions, metadata), aligned with the rows.
+    json_a: list[bytes | None] = field(default_factory=list)
+    json_b: list[bytes | None] = field(default_factory=list)
+    matrix: npt.NDArray[np.float32] | None = None
+
+    @property
+    def root(self) -> str:
+        return "chunk_ids" if self.kind == "delete" else self.kind
+
+    @property
+    def size(self) -> int:
+        return len(self.messages) + len(self.documents) + len(self.chunks) + len(self.ids)
+
+
+def _encode_json(values: Iterable[Any], cap: int, path: str, name: str) -> list[bytes | None]:
+    out: list[bytes | None] = []
+    append = out.append
+    encode = _json_encoder.encode
+    for i, value in enumerate(values):
+        if value is None:
+            append(None)
+            continue
+        try:
+            raw = encode(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidRecord(f"not JSON-encodable: {exc}", field=f"{path}[{i}].{name}") from None
+        if len(raw) > cap:
+            raise TooLarge(f"JSON larger than {cap} bytes", field=f"{path}[{i}].{name}")
+        append(raw)
+    return out
+
+
+def prepare_request(
+    index: int, request: WriteRequest, limits: Limits, *, validate: bool = True
+) -> _Prepared:
+    """Validate one request and encode its JSON fields; raise a :class:`SymbioteError` if bad.
+
+    ``validate=False`` skips the record checks (for requests the caller already validated) but
+    still encodes and size-checks JSON.
+    """
+    if isinstance(request, IngestMessages):
+        msgs = request.messages
+        if validate:
+            validate_messages(msgs, limits)
+        cap = limits.max_json_bytes
+        return _Prepared(
+            index,
+            "messages",
+            messages=msgs,
+            json_a=_encode_json((m.attrs for m in msgs), cap, "messages", "attrs"),
+            json_b=_encode_json((m.pii_flags for m in msgs), cap, "messages", "pii_flags"),
+        )
+    if isinstance(request, UpsertDocuments):
+        docs = request.documents
+        if validate:
+            validate_documents(docs, limits)
+        return _Prepared(
+            index,
+            "documents",
+            documents=docs,
+            json_a=_encode_json(
+                (d.extensions for d in docs), limits.max_json_bytes, "documents", "extensions"
+            ),
+        )
+    if isinstance(request, UpsertChunks):
+        chunks = request.chunks
+        # The embedding matrix is needed to write anyway, so it is always built and checked.
+        matrix = validate_chunks(chunks, limits)
+        return _Prepared(
+            index,
+            "chunks",
+            chunks=chunks,
+            json_a=_encode_json(
+                (c.metadata for c in chunks), limits.max_json_bytes, "chunks", "metadata"
+            ),
+            matrix=matrix,
+        )
+    if isinstance(request, DeleteChunks):
+        ids = request.chunk_ids
+        if len(ids) > limits.max_rows_per_request:
+            raise TooLarge(
+                f"{len(ids)} ids, more than {limits.max_rows_per_request}", field="chunk_ids"
+            )
+        for i, chunk_id in enumerate(ids):
+            if type(chunk_id) is not str or not chunk_id:
+                raise InvalidRecord(
+                    f"expected a non-empty str, got {chunk_id!r:.40}", field=f"chunk_ids[{i}]"
+                )
+        return _Prepared(index, "delete", ids=ids)
+    raise WrongMessage(f"the writer does not accept {type(request).__name__}", field="request")
+
+
+# --------------------------------------------------------------------------------------------
+# statements
+
+
+class _StatementError(Exception):
+    """A DuckDB error, tagged with the statement that raised it."""
+
+    def __init__(self, statement: str, cause: duckdb.Error) -> None:
+        super().__init__(f"{statement}: {cause}")
+        self.statement = statement
+        self.cause = cause
+
+
+class _ColumnError(Exception):
+    """Arrow could not build a column from the records' values."""
+
+    def __init__(self, column: str, cause: Exception) -> None:
+        super().__init__(f"{column}: {cause}")
+        self.column = column
+        self.cause = cause
+
+
+def _exec(
+    con: duckdb.DuckDBPyConnection, label: str, sql: str, params: Sequence[object] | None = None
+) -> duckdb.DuckDBPyConnection:
+    try:
+        return con.execute(sql, params)
+    except _FATAL:
+        raise
+    except duckdb.Error as exc:
+        raise _StatementError(label, exc) from exc
+
+
+def _col(name: str, values: list[Any], typ: pa.DataType) -> pa.Array:
+    try:
+        return pa.array(values, typ)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+        raise _ColumnError(name, exc) from exc
+
+
+def _insert_arrow(
+    con: duckdb.DuckDBPyConnection, label: str, view: str, table: pa.Table, sql: str
+) -> list[tuple[Any, ...]]:
+    con.register(view, table)
+    try:
+        return _exec(con, label, sql).fetchall()
+    finally:
+        con.unregister(view)
+
+
+def _first_wins(keys: list[str]) -> list[int] | None:
+    """Row positions keeping the first of each key, or None if keys are already unique."""
+    if len(set(keys)) == len(keys):
+        return None
+    seen: set[str] = set()
+    keep: list[int] = []
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+def _last_wins(keys: list[str]) -> list[int] | None:
+    """Row positions keeping the last of each key, or None if keys are already unique."""
+    last = {key: i for i, key in enumerate(keys)}
+    if len(last) == len(keys):
+        return None
+    return sorted(last.values())
+
+
+def _take(values: list[Any], keep: list[int] | None) -> list[Any]:
+    return values if keep is None else [values[i] for i in keep]
+
+
+def _write_messages(
+    con: duckdb.DuckDBPyConnection, preps: list[_Prepared], now: _dt.datetime
+) -> dict[int, WriteAck]:
+    msgs = [m for p in preps for m in p.messages]
+    attrs = [a for p in preps for a in p.json_a]
+    pii = [a for p in preps for a in p.json_b]
+    event_ids = [m.event_id for m in msgs]
+    # DuckDB keeps the first duplicate within one statement too, but that is not documented:
+    # deduplicate here so that "first occurrence wins" is ours to guarantee.
+    keep = _first_wins(event_ids)
+    if keep is not None:
+        msgs = [msgs[i] for i in keep]
+    table = pa.table(
+        {
+            "event_id": _col("event_id", _take(event_ids, keep), _STR),
+            "tenant_id": _col("tenant_id", [m.tenant_id for m in msgs], _STR),
+            "source": _col("source", [m.source for m in msgs], _STR),
+            "thread_id": _col("thread_id", [m.thread_id for m in msgs], _STR),
+            "msg_id": _col("msg_id", [m.msg_id for m in msgs], _STR),
+            "ts": _col("ts", [m.ts for m in msgs], _TS),
+            "author_raw": _col("author_raw", [m.author_raw for m in msgs], _STR),
+            "author_uuid": _col("author_uuid", [m.author_uuid for m in msgs], _STR),
+            "text": _col("text", [m.text for m in msgs], _STR),
+            "media_url": _col("media_url", [m.media_url for m in msgs], _STR),
+            "media_type": _col("media_type", [m.media_type for m in msgs], _STR),
+            "attrs": _col("attrs", _take(attrs, keep), _STR),
+            "pii_flags": _col("pii_flags", _take(pii, keep), _STR),
+            "created_at": _col(
+                "created_at",
+                [now if m.created_at is None else m.created_at for m in msgs],
+                _TS,
+            ),
+            "created_by_run": _col("created_by_run", [m.created_by_run for m in msgs], _STR),
+        }
+    )
+    rows = _insert_arrow(
+        con,
+        "INSERT INTO messages",
+        "_symbiote_messages",
+        table,
+        "INSERT INTO messages BY NAME SELECT * FROM _symbiote_messages"
+        " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+    )
+    inserted = {r[0] for r in rows}
+    acks: dict[int, WriteAck] = {}
+    credited: set[str] = set()
+    for p in preps:
+        new = 0
+        for m in p.messages:
+            eid = m.event_id
+            if eid in inserted and eid not in credited:
+                credited.add(eid)
+                new += 1
+        acks[p.index] = WriteAck(written=new, duplicates=len(p.messages) - new)
+    return acks
+
+
+def _write_documents(con: duckdb.DuckDBPyConnection, preps: list[_Prepared]) -> dict[int, WriteAck]:
+    docs = [d for p in preps for d in p.documents]
+    ext = [e for p in preps for e in p.json_a]
+    ids = [d.id for d in docs]
+    # An upsert statement may not touch one key twice, and the later request is the newer
+    # version: keep the last.
+    keep = _last_wins(ids)
+    if keep is not None:
+        docs = [docs[i] for i in keep]
+    table = pa.table(
+        {
+            "id": _col("id", _take(ids, keep), _STR),
+            "content": _col("content", [d.content for d in docs], _STR),
+            "created_at": _col("created_at", [d.created_at for d in docs], _TS),
+            "source_checksum": _col("source_checksum", [d.source_checksum for d in docs], _STR),
+            "title": _col("title", [d.title for d in docs], _STR),
+            "slug": _col("slug", [d.slug for d in docs], _STR),
+            "date": _col("date", [d.date for d in docs], pa.date32()),
+            "summary": _col("summary", [d.summary for d in docs], _STR),
+            "authors": _col("authors", [d.authors for d in docs], _STR_LIST),
+            "tags": _col("tags", [d.tags for d in docs], _STR_LIST),
+            "status": _col("status", [d.status for d in docs], _STR),
+            "subject_uuid": _col("subject_uuid", [d.subject_uuid for d in docs], _STR),
+            "alias": _col("alias", [d.alias for d in docs], _STR),
+            "avatar_url": _col("avatar_url", [d.avatar_url for d in docs], _STR),
+            "interests": _col("interests", [d.interests for d in docs], _STR_LIST),
+            "filename": _col("filename", [d.filename for d in docs], _STR),
+            "mime_type": _col("mime_type", [d.mime_type for d in docs], _STR),
+            "media_type": _col("media_type", [d.media_type for d in docs], _STR),
+            "phash": _col("phash", [d.phash for d in docs], _STR),
+            "window_start": _col("window_start", [d.window_start for d in docs], _TS),
+            "window_end": _col("window_end", [d.window_end for d in docs], _TS),
+            "doc_type": _col("doc_type", [d.doc_type for d in docs], _STR),
+            "extensions": _col("extensions", _take(ext, keep), _STR),
+        }
+    )
+    _insert_arrow(
+        con,
+        "INSERT OR REPLACE INTO documents",
+        "_symbiote_documents",
+        table,
+        "INSERT OR REPLACE INTO documents BY NAME SELECT * FROM _symbiote_documents",
+    )
+    acks: dict[int, WriteAck] = {}
+    for p in preps:
+        n = len(p.documents)
+        distinct = len({d.id for d in p.documents})
+        acks[p.index] = WriteAck(written=distinct, duplicates=n - distinct)
+    return acks
+
+
+def _write_chunks(
+    con: duckdb.DuckDBPyConnection, preps: list[_Prepared], base_seq: int, dim: int
+) -> tuple[dict[int, WriteAck], list[ChunkChange]]:
+    # Replay the group's upserts and deletes in order to find each id's final operation; an id
+    # moved to the end on every touch so that seq order follows the order of last writes.
+    offsets: dict[int, int] = {}
+    matrices: list[npt.NDArray[np.float32]] = []
+    total = 0
+    final: dict[str, tuple[_Prepared, int]] = {}
+    for p in preps:
+        if p.kind == "chunks":
+            assert p.matrix is not None
+            offsets[p.index] = total
+            matrices.append(p.matrix)
+            total += len(p.matrix)
+            for j, c in enumerate(p.chunks):
+                final.pop(c.chunk_id, None)
+                final[c.chunk_id] = (p, j)
+        else:
+            for chunk_id in p.ids:
+                final.pop(chunk_id, None)
+                final[chunk_id] = (p, -1)
+
+    upserts = [(cid, p, j) for cid, (p, j) in final.items() if j >= 0]
+    deletes = [cid for cid, (_, j) in final.items() if j < 0]
+    changes: list[ChunkChange] = []
+    seq = base_seq
+
+    if upserts:
+        chunks = [p.chunks[j] for _, p, j in upserts]
+        all_rows = np.concatenate(matrices) if len(matrices) > 1 else matrices[0]
+        take = np.fromiter((offsets[p.index] + j for _, p, j in upserts), np.int64, len(upserts))
+        mat = all_rows[take] if len(take) != len(all_rows) else all_rows
+        seqs = np.arange(seq + 1, seq + 1 + len(upserts), dtype=np.int64)
+        seq += len(upserts)
+        table = pa.table(
+            {
+                "chunk_id": _col("chunk_id", [cid for cid, _, _ in upserts], _STR),
+                "document_id": _col("document_id", [c.document_id for c in chunks], _STR),
+                "text": _col("text", [c.text for c in chunks], _STR),
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.ascontiguousarray(mat).reshape(-1), pa.float32()), dim
+                ),
+                "metadata": _col("metadata", [p.json_a[j] for _, p, j in upserts], _STR),
+                "seq": pa.array(seqs, pa.int64()),
+            }
+        )
+        _insert_arrow(
+            con,
+            "INSERT OR REPLACE INTO chunks",
+            "_symbiote_chunks",
+            table,
+            "INSERT OR REPLACE INTO chunks BY NAME SELECT * FROM _symbiote_chunks",
+        )
+        changes.extend(
+            ChunkChange(cid, int(s)) for (cid, _, _), s in zip(upserts, seqs, strict=True)
+        )
+
+    deleted: set[str] = set()
+    if deletes:
+        ids_table = pa.table({"chunk_id": _col("chunk_id", deletes, _STR)})
+        rows = _insert_arrow(
+            con,
+            "DELETE FROM chunks",
+            "_symbiote_delete_ids",
+            ids_table,
+            "DELETE FROM chunks WHERE chunk_id IN (SELECT chunk_id FROM _symbiote_delete_ids)"
+            " RETURNING chunk_id",
+        )
+        deleted = {r[0] for r in rows}
+        # Only ids that existed leave a tombstone; keep the request order for their seqs.
+        gone = [cid for cid in deletes if cid in deleted]
+        if gone:
+            tomb_seqs = np.arange(seq + 1, seq + 1 + len(gone), dtype=np.int64)
+            seq += len(gone)
+            _insert_arrow(
+                con,
+                "INSERT INTO chunk_deletes",
+                "_symbiote_tombstones",
+                pa.table({"chunk_id": pa.array(gone, _STR), "seq": pa.array(tomb_seqs)}),
+                "INSERT INTO chunk_deletes BY NAME SELECT * FROM _symbiote_tombstones",
+            )
+            changes.extend(
+                ChunkChange(cid, int(s), True) for cid, s in zip(gone, tomb_seqs, strict=True)
+            )
+
+    if seq != base_seq:
+        _exec(
+            con,
+            "UPDATE symbiote_meta",
+            "UPDATE symbiote_meta SET value = ? WHERE key = ?",
+            [str(seq), META_CHUNK_SEQ],
+        )
+
+    acks: dict[int, WriteAck] = {}
+    credited: set[str] = set()
+    for p in preps:
+        if p.kind == "chunks":
+            n = len(p.chunks)
+            distinct = len({c.chunk_id for c in p.chunks})
+            acks[p.index] = WriteAck(written=distinct, duplicates=n - distinct)
+        else:
+            ids = p.ids
+            hit = 0
+            for cid in ids:
+                if cid in deleted and cid not in credited:
+                    credited.add(cid)
+                    hit += 1
+            acks[p.index] = WriteAck(written=hit, duplicates=len(ids) - hit)
+    return acks, changes
+
+
+# --------------------------------------------------------------------------------------------
+# transactions
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        # A failed COMMIT has already ended the transaction; nothing left to undo.
+        pass
+
+
+def _attempt(
+    con: duckdb.DuckDBPyConnection, preps: list[_Prepared], state: StoreState
+) -> tuple[dict[int, WriteAck], list[ChunkChange], int]:
+    """Write ``preps`` in one transaction; return acks, chunk changes and the new high seq."""
+    now = _dt.datetime.now(_dt.UTC)
+    acks: dict[int, WriteAck] = {}
+    changes: list[ChunkChange] = []
+    high = state.high_seq
+    msg_preps = [p for p in preps if p.kind == "messages"]
+    doc_preps = [p for p in preps if p.kind == "documents"]
+    chunk_preps = [p for p in preps if p.kind in ("chunks", "delete")]
+    _exec(con, "BEGIN", "BEGIN TRANSACTION")
+    try:
+        if msg_preps:
+            acks.update(_write_messages(con, msg_preps, now))
+        if doc_preps:
+            acks.update(_write_documents(con, doc_preps))
+        if chunk_preps:
+            chunk_acks, changes = _write_chunks(con, chunk_preps, high, state.limits.dim)
+            acks.update(chunk_acks)
+            if changes:
+                high = max(c.seq for c in changes)
+        _exec(con, "COMMIT", "COMMIT")
+    except BaseException:
+        _rollback(con)
+        raise
+    return acks, changes, high
+
+
+def _locate_column_error(p: _Prepared, column: str, cause: Exception) -> Failure:
+    records: Sequence[Any]
+    if p.kind == "messages":
+        records = p.messages
+    elif p.kind == "documents":
+        records = p.documents
+    elif p.kind == "chunks":
+        records = p.chunks
+    else:
+        records = p.ids
+    for i, record in enumerate(records):
+        value = record if p.kind == "delete" else getattr(record, column, None)
+        try:
+            pa.array([value])
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+            return InvalidRecord(
+                f"cannot be stored: {exc}", field=f"{p.root}[{i}].{column}"
+            ).to_failure()
+    return InvalidRecord(f"cannot be stored: {cause}", field=f"{p.root}.{column}").to_failure()
+
+
+def _failure_for(exc: Exception, p: _Prepared) -> Failure:
+    if isinstance(exc, SymbioteError):
+        return exc.to_failure()
+    if isinstance(exc, _ColumnError):
+        return _locate_column_error(p, exc.column, exc.cause)
+    if isinstance(exc, _StatementError):
+        cause = exc.cause
+        if isinstance(cause, duckdb.ConstraintException | duckdb.TransactionException):
+            return WriteConflict(f"{exc.statement}: {cause}", field=p.root).to_failure()
+        return QueryError(str(cause), field=exc.statement).to_failure()
+    # A bug of ours or of a library, not a property of the input: keep the traceback in the log.
+    log.error("unexpected error while writing request %d", p.index, exc_info=exc)
+    return QueryError(f"internal error while writing: {exc!r}", field=p.root).to_failure()
+
+
+def _apply_group(
+    con: duckdb.DuckDBPyConnection,
+    preps: list[_Prepared],
+    state: StoreState,
+    result: BatchResult,
+) -> None:
+    result.attempts += 1
+    try:
+        acks, changes, high = _attempt(con, preps, state)
+    except _FATAL:
+        raise
+    except Exception as exc:
+        if len(preps) == 1:
+            failure = _failure_for(exc, preps[0])
+            log.info("write request %d failed: %s", preps[0].index, failure.message)
+            result.outcomes[preps[0].index] = failure
+            return
+        log.debug("group of %d failed (%s); bisecting", len(preps), exc)
+        mid = len(preps) // 2
+        _apply_group(con, preps[:mid], state, result)
+        _apply_group(con, preps[mid:], state, result)
+        return
+    state.high_seq = high
+    result.high_seq = high
+    result.commits += 1
+    result.changes.extend(changes)
+    for index, ack in acks.items():
+        result.outcomes[index] = ack
+
+
+def apply_batch(
+    con: duckdb.DuckDBPyConnection,
+    requests: Sequence[WriteRequest],
+    state: StoreState,
+    *,
+    validate: bool = True,
+) -> BatchResult:
+    """Write ``requests`` as one transaction (isolating failures); return one outcome each.
+
+    Each request is first validated on its own; an invalid one gets its
+    :class:`~symbiote.schema.errors.Failure` and stays out of the transaction. The valid ones
+    are merged column-wise into one Arrow table per target table and written in one
+    transaction:
+
+    * messages: ``INSERT ... ON CONFLICT (event_id) DO NOTHING``; a repeat is counted as a
+      duplicate, not an error (idempotent retries);
+    * documents and chunks: insert-or-replace on their key, the last version in the group wins;
+      every chunk written gets a fresh ``seq``, every existing chunk deleted a tombstone.
+
+    If the transaction fails it is rolled back and the group bisected until the failing
+    request is alone; it then gets a typed failure (``WriteConflict`` for constraint and
+    write-write conflicts, ``QueryError`` naming the statement otherwise).
+
+    Raises (instead of answering) only on errors that leave the connection unusable
+    (``duckdb.FatalException``, ``InternalException``, ``InterruptException``): the writer
+    should then stop; its callers' requests are safe to retry because writes are idempotent.
+    """
+    placeholder = Failure(code="internal", message="not processed")
+    result = BatchResult(
+        outcomes=[placeholder] * len(requests), changes=[], high_seq=state.high_seq
+    )
+    preps: list[_Prepared] = []
+    for i, request in enumerate(requests):
+        try:
+            prep = prepare_request(i, request, state.limits, validate=validate)
+        except SymbioteError as exc:
+            result.outcomes[i] = exc.to_failure()
+            continue
+        if prep.size == 0:
+            result.outcomes[i] = WriteAck(written=0)
+        else:
+            preps.append(prep)
+    if preps:
+        _apply_group(con, preps, state, result)
+    return result

@@ -1,0 +1,89 @@
+"""Protocol messages of the write path: the requests the writer accepts and what it answers.
+
+Every request is a tagged, frozen msgspec struct, so a group of them can cross a mailbox or a
+socket and be decoded as the :data:`WriteRequest` union. The writer answers each request with a
+:class:`WriteAck` once the transaction holding it has committed, or with a
+:class:`~symbiote.schema.errors.Failure` naming what was wrong with that request alone.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .errors import Failure
+from .records import Chunk, Document, Message
+
+__all__ = [
+    "ChunkChange",
+    "ChunksCommitted",
+    "DeleteChunks",
+    "IngestMessages",
+    "UpsertChunks",
+    "UpsertDocuments",
+    "WriteAck",
+    "WriteOutcome",
+    "WriteRequest",
+]
+
+
+class IngestMessages(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Append messages; a message whose ``event_id`` is already stored is skipped (idempotent)."""
+
+    messages: tuple[Message, ...]
+
+
+class UpsertDocuments(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Insert or replace documents by ``id``; within one commit the last version wins."""
+
+    documents: tuple[Document, ...]
+
+
+class UpsertChunks(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Insert or replace chunks by ``chunk_id``; each written chunk gets a new commit ``seq``."""
+
+    chunks: tuple[Chunk, ...]
+
+
+class DeleteChunks(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Delete chunks by id; each one that existed leaves a tombstone with a new ``seq``."""
+
+    chunk_ids: tuple[str, ...]
+
+
+#: What the writer accepts.
+WriteRequest = IngestMessages | UpsertDocuments | UpsertChunks | DeleteChunks
+
+
+class WriteAck(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A request committed.
+
+    ``written`` counts rows this request inserted, replaced or deleted; ``duplicates`` counts
+    rows that were already there (messages seen before, ids repeated within the request,
+    deletes of ids that did not exist), so ``written + duplicates`` is the request's size.
+    """
+
+    written: int
+    duplicates: int = 0
+
+
+#: The answer to one request.
+WriteOutcome = WriteAck | Failure
+
+
+class ChunkChange(msgspec.Struct, frozen=True, array_like=True):
+    """One committed change to ``chunks``: id, commit ``seq``, and whether it is a delete."""
+
+    chunk_id: str
+    seq: int
+    deleted: bool = False
+
+
+class ChunksCommitted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """What the writer tells the index actor after a COMMIT: changes in ``seq`` order.
+
+    ``high_seq`` is the largest sequence committed so far; a follower that has applied
+    everything up to it is current.
+    """
+
+    changes: tuple[ChunkChange, ...]
+    high_seq: int

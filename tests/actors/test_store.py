@@ -1,0 +1,280 @@
+"""The writer's batch apply: one transaction per group, idempotence, isolation of bad requests."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pytest
+
+from symbiote.actors._store import StoreState, apply_batch
+from symbiote.schema.ddl import migrate
+from symbiote.schema.errors import Failure
+from symbiote.schema.messages import (
+    ChunkChange,
+    DeleteChunks,
+    IngestMessages,
+    UpsertChunks,
+    UpsertDocuments,
+    WriteAck,
+)
+from symbiote.schema.records import Chunk, Document, Limits, Message
+
+DIM = 4
+NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def con(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    c = duckdb.connect(str(tmp_path / "s.duckdb"))
+    migrate(c, DIM)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def state(con: duckdb.DuckDBPyConnection) -> StoreState:
+    return StoreState.load(con, Limits(dim=DIM))
+
+
+def message(i: int, **kw: Any) -> Message:
+    fields: dict[str, Any] = dict(
+        event_id=f"e{i}",
+        tenant_id="t",
+        source="s",
+        thread_id="th",
+        msg_id=str(i),
+        ts=NOW,
+        author_raw="a",
+        author_uuid="u",
+        attrs={"i": i},
+    )
+    fields.update(kw)
+    return Message(**fields)
+
+
+def ingest(*ids: int, **kw: Any) -> IngestMessages:
+    return IngestMessages(messages=tuple(message(i, **kw) for i in ids))
+
+
+def doc(id: str, title: str = "T", **kw: Any) -> Document:
+    return Document(id=id, doc_type="post", title=title, slug=id, status="draft", **kw)
+
+
+def chunk(chunk_id: str, x: float = 1.0, text: str = "t") -> Chunk:
+    return Chunk(
+        chunk_id=chunk_id,
+        document_id=chunk_id.split(":")[0],
+        text=text,
+        embedding=[x, 0.5, 0.25, 0.125],
+        metadata={"n": x},
+    )
+
+
+def count(con: duckdb.DuckDBPyConnection, table: str) -> int:
+    row = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_ingest_roundtrip_and_created_at(con: duckdb.DuckDBPyConnection, state: StoreState) -> None:
+    paris = dt.timezone(dt.timedelta(hours=2))
+    m = message(1, ts=dt.datetime(2024, 5, 1, 14, 0, tzinfo=paris), text="hé", media_type="image")
+    result = apply_batch(con, [IngestMessages(messages=(m,))], state)
+    assert result.outcomes == [WriteAck(written=1)]
+    assert result.commits == 1
+    row = con.execute(
+        "SELECT epoch_us(ts), text, media_type, attrs->>'i', created_at IS NOT NULL FROM messages"
+    ).fetchone()
+    # Stored as the same instant: 14:00+02:00 is 12:00 UTC.
+    assert row == (int(NOW.timestamp() * 1_000_000), "hé", "image", "1", True)
+
+
+def test_ingest_is_idempotent(con: duckdb.DuckDBPyConnection, state: StoreState) -> None:
+    assert apply_batch(con, [ingest(1, 2, 3)], state).outcomes == [WriteAck(written=3)]
+    result = apply_batch(con, [ingest(2, 3, 4), ingest(4, 5), ingest(1)], state)
+    assert result.outcomes == [
+        WriteAck(written=1, duplicates=2),
+        WriteAck(written=1, duplicates=1),  # e4 was credited to the first request
+        WriteAck(written=0, duplicates=1),
+    ]
+    assert result.commits == 1
+    assert count(con, "messages") == 5
+
+
+def test_first_message_version_wins(con: duckdb.DuckDBPyConnection, state: StoreState) -> None:
+    apply_batch(con, [ingest(1, text="first"), ingest(1, text="second")], state)
+    apply_batch(con, [ingest(1, text="third")], state)
+    assert con.execute("SELECT text FROM messages").fetchall() == [("first",)]
+
+
+def test_document_upsert_last_wins(con: duckdb.DuckDBPyConnection, state: StoreState) -> None:
+    result = apply_batch(
+        con,
+        [
+            UpsertDocuments(documents=(doc("a", "v1"), doc("b"), doc("a", "v2"))),
+            UpsertDocuments(documents=(doc("a", "v3", tags=("x", "y")),)),
+        ],
+        state,
+    )
+    assert result.outcomes == [WriteAck(written=2, duplicates=1), WriteAck(written=1)]
+    apply_batch(con, [UpsertDocuments(documents=(doc("b", "b2"),))], state)
+    rows = con.execute("SELECT id, title, tags FROM documents ORDER BY id").fetchall()
+    assert rows == [("a", "v3", ["x", "y"]), ("b", "b2", None)]
+
+
+def test_chunks_get_increasing_seq_and_tombstones(
+    con: duckdb.DuckDBPyConnection, state: StoreState
+) -> None:
+    r1 = apply_batch(con, [UpsertChunks(chunks=(chunk("d:0"), chunk("d:1")))], state)
+    assert r1.changes == [ChunkChange("d:0", 1), ChunkChange("d:1", 2)]
+    assert r1.high_seq == 2
+    assert r1.chunks_committed() is not None
+    r2 = apply_batch(
+        con,
+        [
+            UpsertChunks(chunks=(chunk("d:0", 2.0, "new"),)),
+            DeleteChunks(chunk_ids=("d:1", "missing")),
+            UpsertChunks(chunks=(chunk("d:2"),)),
+            DeleteChunks(chunk_ids=("d:2",)),  # upserted then deleted in one group
+        ],
+        state,
+    )
+    assert r2.outcomes[1] == WriteAck(written=1, duplicates=1)
+    assert r2.outcomes[3] == WriteAck(written=0, duplicates=1)
+    assert [c.seq for c in r2.changes] == [3, 4]
+    assert r2.changes == [ChunkChange("d:0", 3), ChunkChange("d:1", 4, True)]
+    rows = con.execute("SELECT chunk_id, text, embedding, seq FROM chunks").fetchall()
+    assert rows == [("d:0", "new", (2.0, 0.5, 0.25, 0.125), 3)]
+    assert con.execute("SELECT * FROM chunk_deletes").fetchall() == [("d:1", 4)]
+    # The sequence survives a restart of the writer.
+    assert StoreState.load(con, state.limits).high_seq == 4
+
+
+def test_upsert_same_chunk_twice_in_group(
+    con: duckdb.DuckDBPyConnection, state: StoreState
+) -> None:
+    result = apply_batch(
+        con,
+        [
+            UpsertChunks(chunks=(chunk("d:0", 1.0), chunk("d:0", 2.0))),
+            UpsertChunks(chunks=(chunk("d:0", 3.0),)),
+        ],
+        state,
+    )
+    assert all(isinstance(o, WriteAck) for o in result.outcomes)
+    assert result.changes == [ChunkChange("d:0", 1)]
+    emb = con.execute("SELECT embedding[1] FROM chunks").fetchall()
+    assert emb == [(3.0,)]
+
+
+def test_invalid_request_fails_alone(con: duckdb.DuckDBPyConnection, state: StoreState) -> None:
+    bad_chunk = Chunk(chunk_id="d:9", document_id="d", text="x", embedding=[0.0] * DIM)
+    result = apply_batch(
+        con,
+        [ingest(1), UpsertChunks(chunks=(chunk("d:0"), bad_chunk)), ingest(2), "nonsense"],  # type: ignore[list-item]
+        state,
+    )
+    ok, bad, ok2, wrong = result.outcomes
+    assert ok == WriteAck(written=1) and ok2 == WriteAck(written=1)
+    assert isinstance(bad, Failure) and bad.code == "invalid_record"
+    assert bad.field == "chunks[1].embedding"
+    assert isinstance(wrong, Failure) and wrong.code == "wrong_message"
+    assert result.attempts == 1 and result.commits == 1
+    assert count(con, "messages") == 2 and count(con, "chunks") == 0
+
+
+def test_unencodable_json_names_the_field(
+    con: duckdb.DuckDBPyConnection, state: StoreState
+) -> None:
+    result = apply_batch(con, [ingest(1), ingest(2, 3, attrs={"x": object()})], state)
+    failure = result.outcomes[1]
+    assert isinstance(failure, Failure) and failure.field == "messages[0].attrs"
+    limits = Limits(dim=DIM, max_json_bytes=10)
+    result = apply_batch(con, [ingest(4, attrs={"k": "x" * 20})], StoreState(limits))
+    failure = result.outcomes[0]
+    assert isinstance(failure, Failure) and failure.code == "too_large"
+
+
+def test_database_failure_is_isolated_by_bisection(
+    con: duckdb.DuckDBPyConnection, state: StoreState
+) -> None:
+    # A lone surrogate passes the type checks but cannot be encoded as UTF-8: the group fails
+    # in Arrow, is bisected, and only the request that carries it is answered with an error.
+    requests = [ingest(i) for i in range(8)]
+    requests[5] = IngestMessages(messages=(message(50), message(51, text="bad \ud800")))
+    result = apply_batch(con, requests, state)
+    failure = result.outcomes[5]
+    assert isinstance(failure, Failure)
+    assert failure.code == "invalid_record" and failure.field == "messages[1].text"
+    assert all(isinstance(o, WriteAck) for i, o in enumerate(result.outcomes) if i != 5)
+    assert result.attempts > result.commits > 1
+    assert count(con, "messages") == 7
+
+
+def test_constraint_error_from_database_is_write_conflict(
+    con: duckdb.DuckDBPyConnection, state: StoreState
+) -> None:
+    # With validation skipped, a NULL key reaches DuckDB and trips NOT NULL.
+    bad = IngestMessages(messages=(message(9, event_id=None),))
+    result = apply_batch(con, [ingest(1), bad, ingest(2)], state, validate=False)
+    failure = result.outcomes[1]
+    assert isinstance(failure, Failure) and failure.code == "write_conflict"
+    assert failure.field == "messages" and "INSERT INTO messages" in failure.message
+    assert result.outcomes[0] == WriteAck(written=1) == result.outcomes[2]
+
+
+def test_write_write_conflict_with_open_transaction(
+    con: duckdb.DuckDBPyConnection, state: StoreState
+) -> None:
+    # Another connection of the same instance holds an uncommitted row with the same key.
+    other = con.cursor()
+    other.execute("BEGIN TRANSACTION")
+    other.execute("UPDATE symbiote_meta SET value = 'x' WHERE key = 'chunk_seq'")
+    result = apply_batch(con, [ingest(1), UpsertChunks(chunks=(chunk("d:0"),)), ingest(2)], state)
+    failure = result.outcomes[1]
+    assert isinstance(failure, Failure) and failure.code == "write_conflict"
+    assert failure.field == "chunks" and "UPDATE symbiote_meta" in failure.message
+    assert result.outcomes[0] == WriteAck(written=1) == result.outcomes[2]
+    other.execute("ROLLBACK")
+    assert count(con, "chunks") == 0 and state.high_seq == 0
+
+
+def test_duckdb_list_column_update_misses_conflicts(con: duckdb.DuckDBPyConnection) -> None:
+    """Pins a DuckDB 1.5.5 hazard: an update that rewrites a LIST/ARRAY column is not checked
+    for write-write conflicts, so two transactions updating one row both commit and one update
+    is lost. symbiote is safe only because the writer is the single writing connection."""
+    con.execute("INSERT INTO documents (id, doc_type, title) VALUES ('a', 'post', 'T')")
+    other = con.cursor()
+    other.execute("BEGIN TRANSACTION")
+    other.execute("UPDATE documents SET title = 'other' WHERE id = 'a'")
+    con.execute("UPDATE documents SET title = 'mine', tags = ['x'] WHERE id = 'a'")
+    other.execute("COMMIT")
+    assert con.execute("SELECT title FROM documents").fetchall() == [("mine",)]
+
+
+def test_empty_requests_do_not_open_a_transaction(
+    con: duckdb.DuckDBPyConnection, state: StoreState
+) -> None:
+    result = apply_batch(con, [IngestMessages(messages=()), DeleteChunks(chunk_ids=())], state)
+    assert result.outcomes == [WriteAck(written=0), WriteAck(written=0)]
+    assert result.attempts == 0
+
+
+def test_acked_writes_survive_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "d.duckdb")
+    c = duckdb.connect(path)
+    migrate(c, DIM)
+    emb: Any = np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32)  # numpy is accepted too
+    chunks = (Chunk(chunk_id="d:0", document_id="d", text="x", embedding=emb),)
+    apply_batch(c, [ingest(1), UpsertChunks(chunks=chunks)], StoreState.load(c, Limits(dim=DIM)))
+    c.close()
+    c = duckdb.connect(path)
+    assert count(c, "messages") == 1
+    row = c.execute("SELECT embedding FROM chunks").fetchone()
+    assert row is not None
+    np.testing.assert_allclose(row[0], emb)

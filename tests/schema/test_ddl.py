@@ -1,0 +1,120 @@
+"""Migrations: idempotent, atomic, extensible; refuse newer schemas and another dim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from symbiote.schema.ddl import (
+    CURRENT_VERSION,
+    META_DIM,
+    MIGRATIONS,
+    Migration,
+    applied_version,
+    migrate,
+    read_meta,
+    sql_migration,
+)
+from symbiote.schema.errors import ConfigError, SchemaTooNew
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "s.duckdb")
+
+
+def tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+
+
+def test_fresh_database(db: str) -> None:
+    con = duckdb.connect(db)
+    assert applied_version(con) == 0
+    assert migrate(con, 8) == CURRENT_VERSION
+    assert {"messages", "documents", "chunks", "chunk_deletes", "schema_migrations"} <= tables(con)
+    assert read_meta(con, META_DIM) == "8"
+    col = con.execute(
+        "SELECT data_type FROM duckdb_columns() WHERE table_name = 'chunks'"
+        " AND column_name = 'embedding'"
+    ).fetchone()
+    assert col == ("FLOAT[8]",)
+    indexes = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall()}
+    assert {"messages_ts", "messages_thread_id", "messages_author_uuid"} <= indexes
+
+
+def test_migrate_is_idempotent_across_reopen(db: str) -> None:
+    con = duckdb.connect(db)
+    migrate(con, 8)
+    con.execute("INSERT INTO symbiote_meta VALUES ('marker', 'kept')")
+    con.close()
+    con = duckdb.connect(db)
+    assert migrate(con, 8) == CURRENT_VERSION
+    assert migrate(con, 8) == CURRENT_VERSION
+    rows = con.execute("SELECT version, description FROM schema_migrations").fetchall()
+    assert [r[0] for r in rows] == list(range(1, CURRENT_VERSION + 1))
+    assert read_meta(con, "marker") == "kept"
+
+
+def test_schema_too_new_is_refused(db: str) -> None:
+    con = duckdb.connect(db)
+    migrate(con, 8)
+    con.execute("INSERT INTO schema_migrations (version, description) VALUES (99, 'future')")
+    with pytest.raises(SchemaTooNew) as ei:
+        migrate(con, 8)
+    assert "99" in ei.value.message and "upgrade" in ei.value.message
+    # The refusal left the connection usable and the file unchanged.
+    assert applied_version(con) == 99
+
+
+def test_dim_mismatch_is_refused(db: str) -> None:
+    con = duckdb.connect(db)
+    migrate(con, 8)
+    con.close()
+    con = duckdb.connect(db)
+    with pytest.raises(ConfigError) as ei:
+        migrate(con, 16)
+    assert ei.value.field == "dim"
+    assert "8" in ei.value.message and "16" in ei.value.message
+
+
+@pytest.mark.parametrize("dim", [0, -3, 70_000, "8; DROP TABLE x"])
+def test_bad_dim(db: str, dim: object) -> None:
+    with pytest.raises(ConfigError):
+        migrate(duckdb.connect(db), dim)  # type: ignore[arg-type]
+
+
+def test_later_migration_applies_on_existing_file(db: str) -> None:
+    con = duckdb.connect(db)
+    migrate(con, 8)
+    extra = (
+        *MIGRATIONS,
+        sql_migration(CURRENT_VERSION + 1, "peers", "CREATE TABLE peers (id VARCHAR PRIMARY KEY)"),
+    )
+    assert migrate(con, 8, migrations=extra) == CURRENT_VERSION + 1
+    assert "peers" in tables(con)
+    assert migrate(con, 8, migrations=extra) == CURRENT_VERSION + 1
+    # The older code now meets a newer file.
+    with pytest.raises(SchemaTooNew):
+        migrate(con, 8)
+
+
+def test_failed_migration_rolls_back_everything(db: str) -> None:
+    con = duckdb.connect(db)
+    broken = (
+        *MIGRATIONS,
+        sql_migration(CURRENT_VERSION + 1, "ok part", "CREATE TABLE half (x INT)"),
+        sql_migration(CURRENT_VERSION + 2, "broken", "CREATE TABLE oops (x NOPE)"),
+    )
+    with pytest.raises(duckdb.Error):
+        migrate(con, 8, migrations=broken)
+    assert applied_version(con) == 0
+    assert tables(con) == set()
+    assert migrate(con, 8) == CURRENT_VERSION
+
+
+def test_migration_versions_must_be_consecutive(db: str) -> None:
+    gap = (*MIGRATIONS, Migration(CURRENT_VERSION + 2, "gap", lambda con, dim: None))
+    with pytest.raises(ConfigError):
+        migrate(duckdb.connect(db), 8, migrations=gap)
