@@ -39,6 +39,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     reader_mailbox: int = 64
     #: Group commit: most rows one transaction takes in.
     max_batch_rows: int = 50_000
+    #: Group commit: how long the writer waits for more requests when its mailbox is empty.
+    #: 0 takes only what is already queued; requests that arrive during a commit form the
+    #: next group by themselves, which is what makes groups grow under load.
+    batch_window_s: float = 0.0
     #: Largest text accepted in one message, document or chunk, in bytes (UTF-8).
     max_text_bytes: int = 1_000_000
     #: Rows per Arrow batch when streaming a large result.
@@ -63,6 +67,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         _at_least(self.restart_intensity, 0, "restart_intensity")
         if self.duckdb_threads is not None:
             _at_least(self.duckdb_threads, 1, "duckdb_threads")
+        if not 0 <= self.batch_window_s <= 1:
+            raise ConfigError(
+                f"must be within [0, 1] seconds, got {self.batch_window_s!r}",
+                field="batch_window_s",
+            )
         for name in ("default_timeout_s", "restart_period_s", "shutdown_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"must be > 0, got {getattr(self, name)!r}", field=name)

@@ -101,6 +101,10 @@ class Supervisor:
         )
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
+        self._runs = 0
+        # How our children should look while we stop: STOPPED for good, or RESTARTING when
+        # our parent is about to start us again (their callers then wait instead of failing).
+        self._stop_state = ActorState.STOPPING
         self.state = "new"
 
     # -- public ----------------------------------------------------------------------------
@@ -183,7 +187,12 @@ class Supervisor:
                 self._nursery = nursery
                 try:
                     self.state = "starting"
+                    self._stop_state = ActorState.STOPPING
+                    self._runs += 1
                     for child in self._children:
+                        if self._runs > 1:
+                            # Our parent restarted us: for our children that is a restart too.
+                            self._count_restart(child)
                         error = await self._start(child)
                         if error is not None:
                             raise error
@@ -228,9 +237,7 @@ class Supervisor:
                 if member is not child and member.spec.restart == "temporary":
                     self._retire(member)
                     continue
-                member.restarts += 1
-                if member.ref is not None:
-                    member.ref._stats.restarts += 1
+                self._count_restart(member)
                 error = await self._start(member)
                 if error is not None:
                     # A failed restart counts like a crash: round the loop again, where the
@@ -255,6 +262,13 @@ class Supervisor:
             return active
         index = self._children.index(child)
         return [c for c in active if self._children.index(c) >= index]
+
+    @staticmethod
+    def _count_restart(child: _Child) -> None:
+        child.restarts += 1
+        child.retired = False
+        if child.ref is not None:
+            child.ref._stats.restarts += 1
 
     def _retire(self, child: _Child) -> None:
         child.retired = True
@@ -359,6 +373,8 @@ class Supervisor:
         child.stop_deadline = trio.current_time() + child.spec.shutdown
         if child.ref is not None:
             child.ref.state = state
+        if child.sub is not None:
+            child.sub._stop_state = state
         if child.scope is not None:
             child.scope.cancel()
         # The extra second covers on_stop's own deadline; past it a child is stuck in code
@@ -369,9 +385,11 @@ class Supervisor:
             log.error("child missed its shutdown deadline", extra={"child": child.path})
 
     async def _stop_all(self) -> None:
+        final = self._stop_state is ActorState.STOPPING
         for child in reversed(self._children):
-            await self._stop(child)
-            self._retire(child)
+            await self._stop(child, self._stop_state)
+            if final:
+                self._retire(child)
 
 
 class _Started:

@@ -1,0 +1,170 @@
+"""The writer actor: sole owner of the read-write connection, committing in groups.
+
+Each turn of its loop takes every write request already queued (up to ``max_batch_rows``
+rows), applies them as one transaction in a worker thread, and answers each request only
+after COMMIT returned, so an acknowledged write is durable. While one group commits, the next
+one queues up: under load the groups grow by themselves and the fixed cost of a commit is
+shared (group commit; see docs/data-layer.md for the numbers). A request that fails a
+constraint is isolated by :func:`apply_batch` and fails alone.
+
+After each commit that changed ``chunks`` it tells its subscribers (the index actor) what
+changed, with the commit sequence, so they can follow the table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import duckdb
+import trio
+
+from symbiote.actors._store import BatchResult, StoreState, apply_batch
+from symbiote.actors.database import Database
+from symbiote.runtime import Actor, ActorRef, Busy, Inbox, Request
+from symbiote.schema.ddl import migrate
+from symbiote.schema.errors import ActorStopped, DeadlineExceeded, Failure, error_for_code
+from symbiote.schema.messages import (
+    ChunksCommitted,
+    DeleteChunks,
+    IngestMessages,
+    UpsertChunks,
+    UpsertDocuments,
+    WriteAck,
+)
+from symbiote.schema.records import Limits
+
+__all__ = ["Writer", "request_rows"]
+
+log = logging.getLogger("symbiote.writer")
+
+
+def request_rows(msg: Any) -> int:
+    """How many rows a write request carries (the unit of the batch bound)."""
+    if isinstance(msg, IngestMessages):
+        return len(msg.messages)
+    if isinstance(msg, UpsertDocuments):
+        return len(msg.documents)
+    if isinstance(msg, UpsertChunks):
+        return len(msg.chunks)
+    if isinstance(msg, DeleteChunks):
+        return len(msg.chunk_ids)
+    return 1
+
+
+class Writer(Actor):
+    """Group-committing owner of the database; see the module docstring."""
+
+    accepts = (IngestMessages, UpsertDocuments, UpsertChunks, DeleteChunks)
+
+    def __init__(
+        self,
+        db: Database,
+        limits: Limits,
+        *,
+        max_batch_rows: int = 50_000,
+        batch_window_s: float = 0.0,
+        subscribers: Callable[[], Sequence[ActorRef]] = tuple,
+    ) -> None:
+        self.db = db
+        self.limits = limits
+        self.max_batch_rows = max_batch_rows
+        self.batch_window_s = batch_window_s
+        self._subscribers = subscribers
+        # One thread at a time on the connection: DuckDB connections are not thread-safe.
+        self._limiter = trio.CapacityLimiter(1)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._state: StoreState | None = None
+        #: Counters for introspection and benchmarks.
+        self.commits = 0
+        self.batches = 0
+        self.rows = 0
+        self.dropped_notifications = 0
+
+    async def on_start(self) -> None:
+        self._con, self._state = await trio.to_thread.run_sync(self._open, limiter=self._limiter)
+
+    def _open(self) -> tuple[duckdb.DuckDBPyConnection, StoreState]:
+        con = self.db.open()
+        try:
+            version = migrate(con, self.limits.dim)
+            state = StoreState.load(con, self.limits)
+        except BaseException:
+            self.db.close()
+            raise
+        log.info("writer ready", extra={"schema_version": version, "high_seq": state.high_seq})
+        return con, state
+
+    async def on_stop(self) -> None:
+        self._con = None
+        await trio.to_thread.run_sync(self.db.close, limiter=self._limiter)
+
+    async def run(self, inbox: Inbox) -> None:
+        while True:
+            try:
+                first = await inbox.receive()
+            except trio.EndOfChannel:
+                return
+            batch = await self._gather(inbox, first)
+            live = [r for r in batch if not self._drop_abandoned(r)]
+            if live:
+                await self._commit(live)
+
+    async def _gather(self, inbox: Inbox, first: Request) -> list[Request]:
+        """The group: ``first`` plus what is queued, bounded by rows (and the time window)."""
+        batch = [first]
+        rows = request_rows(first.msg)
+        while rows < self.max_batch_rows:
+            more = inbox.receive_nowait(1)
+            if not more:
+                if self.batch_window_s <= 0:
+                    break
+                with trio.move_on_after(self.batch_window_s):
+                    more = [await inbox.receive()]
+                if not more:
+                    break
+            batch.append(more[0])
+            rows += request_rows(more[0].msg)
+        return batch
+
+    @staticmethod
+    def _drop_abandoned(request: Request) -> bool:
+        # A caller that gave up was told its write is not acknowledged; skipping it keeps
+        # that true and saves the work. Writes are idempotent, so its retry is safe.
+        if request.abandoned:
+            request.fail(DeadlineExceeded("the caller gave up before the write was committed"))
+            return True
+        return False
+
+    async def _commit(self, batch: list[Request]) -> None:
+        assert self._con is not None and self._state is not None
+        con, state = self._con, self._state
+        result: BatchResult = await trio.to_thread.run_sync(
+            apply_batch, con, [r.msg for r in batch], state, limiter=self._limiter
+        )
+        self.batches += 1
+        self.commits += result.commits
+        for request, outcome in zip(batch, result.outcomes, strict=True):
+            if isinstance(outcome, WriteAck):
+                self.rows += outcome.written
+                request.reply(outcome)
+            else:
+                request.fail(_error(outcome))
+        notice = result.chunks_committed()
+        if notice is not None:
+            self._publish(notice)
+
+    def _publish(self, notice: ChunksCommitted) -> None:
+        for ref in self._subscribers():
+            try:
+                ref.tell_nowait(notice)
+            except (Busy, ActorStopped):
+                # Never hold commits hostage to a slow follower: it sees the gap in ``seq``
+                # with the next notice (or at its restart) and catches up from the table.
+                self.dropped_notifications += 1
+                log.warning("follower missed a commit notice", extra={"follower": ref.name})
+
+
+def _error(failure: Failure) -> Exception:
+    return error_for_code(failure.code)(failure.message, field=failure.field)
