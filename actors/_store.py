@@ -637,6 +637,48 @@ def _apply_group(
         result.outcomes[index] = ack
 
 
+def _prepare_messages_together(
+    requests: Sequence[WriteRequest], limits: Limits
+) -> dict[int, _Prepared]:
+    """Validate and encode all the group's message requests in one pass, if they are all good.
+
+    The per-request path costs a few microseconds of Python per request, which is most of the
+    writer's time when requests carry one message each. Validating the concatenation first is
+    the same check; if anything in it is wrong this returns nothing and every request is
+    prepared on its own, so the error still names the request's own field path.
+    """
+    picked = [(i, r) for i, r in enumerate(requests) if type(r) is IngestMessages and r.messages]
+    if len(picked) < 2:
+        return {}
+    msgs = [m for _, r in picked for m in r.messages]
+    cap = limits.max_json_bytes
+    try:
+        for _, r in picked:
+            if len(r.messages) > limits.max_rows_per_request:
+                return {}
+        validate_messages(msgs, replace_rows_cap(limits, len(msgs)))
+        attrs = _encode_json((m.attrs for m in msgs), cap, "messages", "attrs")
+        pii = _encode_json((m.pii_flags for m in msgs), cap, "messages", "pii_flags")
+    except SymbioteError:
+        return {}
+    out: dict[int, _Prepared] = {}
+    at = 0
+    for i, r in picked:
+        n = len(r.messages)
+        out[i] = _Prepared(
+            i, "messages", messages=r.messages, json_a=attrs[at : at + n], json_b=pii[at : at + n]
+        )
+        at += n
+    return out
+
+
+def replace_rows_cap(limits: Limits, rows: int) -> Limits:
+    """``limits`` allowing at least ``rows`` records (for a merged check of many requests)."""
+    if rows <= limits.max_rows_per_request:
+        return limits
+    return msgspec.structs.replace(limits, max_rows_per_request=rows)
+
+
 def apply_batch(
     con: duckdb.DuckDBPyConnection,
     requests: Sequence[WriteRequest],
@@ -669,7 +711,11 @@ def apply_batch(
         outcomes=[placeholder] * len(requests), changes=[], high_seq=state.high_seq
     )
     preps: list[_Prepared] = []
+    merged = _prepare_messages_together(requests, state.limits) if validate else {}
     for i, request in enumerate(requests):
+        if i in merged:
+            preps.append(merged[i])
+            continue
         try:
             prep = prepare_request(i, request, state.limits, validate=validate)
         except SymbioteError as exc:

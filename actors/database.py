@@ -15,6 +15,7 @@ from pathlib import Path
 
 import duckdb
 
+from symbiote.actors._threads import lower_new_threads
 from symbiote.schema.errors import ActorStopped, ConfigError
 
 __all__ = ["Database"]
@@ -40,7 +41,8 @@ class Database:
         if self.threads is not None:
             config["threads"] = self.threads
         try:
-            self._con = duckdb.connect(self.path, config=config)
+            # DuckDB starts its worker threads here; they run below the trio loop's priority.
+            self._con = lower_new_threads(lambda: duckdb.connect(self.path, config=config))
         except duckdb.IOException as exc:
             # Typically the file is held by another process: DuckDB allows one writer.
             raise ConfigError(f"cannot open {self.path}: {exc}", field="db_path") from None

@@ -20,6 +20,7 @@ import pyarrow as pa
 import trio
 
 from symbiote.actors._query import iter_batches, run_query
+from symbiote.actors._threads import run_in_db_thread
 from symbiote.actors.database import Database
 from symbiote.runtime import Actor, Inbox, Request
 from symbiote.schema.errors import DeadlineExceeded, Interrupted, SymbioteError
@@ -69,12 +70,12 @@ class Reader(Actor):
         self.interrupts = 0
 
     async def on_start(self) -> None:
-        self._con = await trio.to_thread.run_sync(self.db.cursor, limiter=self._limiter)
+        self._con = await run_in_db_thread(self.db.cursor, limiter=self._limiter)
 
     async def on_stop(self) -> None:
         con, self._con = self._con, None
         if con is not None:
-            await trio.to_thread.run_sync(con.close, limiter=self._limiter)
+            await run_in_db_thread(con.close, limiter=self._limiter)
 
     async def run(self, inbox: Inbox) -> None:
         async for request in inbox:
@@ -117,7 +118,7 @@ class Reader(Actor):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(interrupter)
             # Captured, not raised, inside the nursery: it would wrap the error in a group.
-            result = await outcome.acapture(trio.to_thread.run_sync, work, limiter=self._limiter)
+            result = await outcome.acapture(run_in_db_thread, work, limiter=self._limiter)
             done = True
             nursery.cancel_scope.cancel()
         return result.unwrap()
@@ -161,7 +162,7 @@ class Reader(Actor):
         finally:
             # Ends the statement (and frees the connection) whether or not it finished.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_close_iterator, batches, limiter=self._limiter)
+                await run_in_db_thread(_close_iterator, batches, limiter=self._limiter)
 
 
 def _close_iterator(batches: Iterator[pa.RecordBatch]) -> None:

@@ -21,6 +21,7 @@ import duckdb
 import trio
 
 from symbiote.actors._store import BatchResult, StoreState, apply_batch
+from symbiote.actors._threads import run_in_db_thread
 from symbiote.actors.database import Database
 from symbiote.runtime import Actor, ActorRef, Busy, Inbox, Request
 from symbiote.schema.ddl import migrate
@@ -38,6 +39,9 @@ from symbiote.schema.records import Limits
 __all__ = ["Writer", "request_rows"]
 
 log = logging.getLogger("symbiote.writer")
+
+#: Acks sent per task step; the writer yields to the loop between slices.
+ACK_SLICE = 128
 
 
 def request_rows(msg: Any) -> int:
@@ -83,7 +87,7 @@ class Writer(Actor):
         self.dropped_notifications = 0
 
     async def on_start(self) -> None:
-        self._con, self._state = await trio.to_thread.run_sync(self._open, limiter=self._limiter)
+        self._con, self._state = await run_in_db_thread(self._open, limiter=self._limiter)
 
     def _open(self) -> tuple[duckdb.DuckDBPyConnection, StoreState]:
         con = self.db.open()
@@ -98,7 +102,7 @@ class Writer(Actor):
 
     async def on_stop(self) -> None:
         self._con = None
-        await trio.to_thread.run_sync(self.db.close, limiter=self._limiter)
+        await run_in_db_thread(self.db.close, limiter=self._limiter)
 
     async def run(self, inbox: Inbox) -> None:
         while True:
@@ -116,16 +120,18 @@ class Writer(Actor):
         batch = [first]
         rows = request_rows(first.msg)
         while rows < self.max_batch_rows:
-            more = inbox.receive_nowait(1)
-            if not more:
+            if len(batch) % ACK_SLICE == 0:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            more = inbox.poll()
+            if more is None:
                 if self.batch_window_s <= 0:
                     break
                 with trio.move_on_after(self.batch_window_s):
-                    more = [await inbox.receive()]
-                if not more:
+                    more = await inbox.receive()
+                if more is None:
                     break
-            batch.append(more[0])
-            rows += request_rows(more[0].msg)
+            batch.append(more)
+            rows += request_rows(more.msg)
         return batch
 
     @staticmethod
@@ -140,17 +146,22 @@ class Writer(Actor):
     async def _commit(self, batch: list[Request]) -> None:
         assert self._con is not None and self._state is not None
         con, state = self._con, self._state
-        result: BatchResult = await trio.to_thread.run_sync(
+        result: BatchResult = await run_in_db_thread(
             apply_batch, con, [r.msg for r in batch], state, limiter=self._limiter
         )
         self.batches += 1
         self.commits += result.commits
-        for request, outcome in zip(batch, result.outcomes, strict=True):
+        for n, (request, outcome) in enumerate(zip(batch, result.outcomes, strict=True), 1):
             if isinstance(outcome, WriteAck):
                 self.rows += outcome.written
                 request.reply(outcome)
             else:
                 request.fail(_error(outcome))
+            if n % ACK_SLICE == 0:
+                # Thousands of acks in one task step would stall the loop for milliseconds.
+                # Shielded: the rows are committed, so these acks must go out even if we are
+                # being stopped.
+                await trio.lowlevel.cancel_shielded_checkpoint()
         notice = result.chunks_committed()
         if notice is not None:
             self._publish(notice)

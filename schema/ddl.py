@@ -23,6 +23,7 @@ from typing import Final
 import duckdb
 
 from .errors import ConfigError, SchemaTooNew
+from .mesh import MESH_DDL
 
 __all__ = [
     "CURRENT_VERSION",
@@ -161,6 +162,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         *MESSAGES_DDL,
         *DOCUMENTS_DDL,
         *CHUNKS_DDL,
+    ),
+    sql_migration(
+        2,
+        "mesh: peers, peer_keys, trust_edges, trust_scores, grants, mesh_rows",
+        *MESH_DDL,
     ),
 )
 

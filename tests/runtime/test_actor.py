@@ -191,7 +191,9 @@ async def test_queue_is_bounded_under_a_flood(autojump_clock: trio.testing.MockC
             for _ in range(100):
                 nursery.start_soon(w.tell, Sleep(0.01))
         await trio.sleep(5)
-        assert w.peak_depth <= 8
+        # Depth counts requests sent and not yet taken: the buffer (8) plus at most the one
+        # handed straight to the waiting actor.
+        assert w.peak_depth <= 8 + 1
         assert w.processed == 100
 
 

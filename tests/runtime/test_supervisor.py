@@ -201,7 +201,7 @@ async def test_tree_introspection() -> None:
         )
         text = format_tree(node)
         assert "root [supervisor one_for_one] running" in text
-        assert "a [actor] running mailbox=0/64 peak=0 processed=3 restarts=0" in text
+        assert "a [actor] running mailbox=0/64 peak=1 processed=3 restarts=0" in text
 
 
 async def test_nothing_left_running_after_shutdown() -> None:

@@ -90,10 +90,10 @@ def test_later_migration_applies_on_existing_file(db: str) -> None:
     migrate(con, 8)
     extra = (
         *MIGRATIONS,
-        sql_migration(CURRENT_VERSION + 1, "peers", "CREATE TABLE peers (id VARCHAR PRIMARY KEY)"),
+        sql_migration(CURRENT_VERSION + 1, "extra", "CREATE TABLE extra (id VARCHAR PRIMARY KEY)"),
     )
     assert migrate(con, 8, migrations=extra) == CURRENT_VERSION + 1
-    assert "peers" in tables(con)
+    assert "extra" in tables(con)
     assert migrate(con, 8, migrations=extra) == CURRENT_VERSION + 1
     # The older code now meets a newer file.
     with pytest.raises(SchemaTooNew):
