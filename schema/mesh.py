@@ -13,30 +13,39 @@ is what gets signed, does not depend on float formatting.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from symbiote.schema.errors import ConfigError, SymbioteError, TooLarge
 
 __all__ = [
+    "MESH_DDL",
     "PROTOCOL_VERSION",
     "Ack",
     "Alive",
     "BadSignature",
+    "BootstrapError",
+    "BootstrapFile",
+    "BootstrapPeer",
+    "ClockSkew",
     "Dead",
     "FrameError",
     "FrameTooLarge",
     "FrameTruncated",
     "Gossip",
+    "Grant",
     "HandshakeFailed",
     "Hello",
+    "Hlc",
     "IdentityError",
     "InsecureKeyFile",
     "JoinFailed",
+    "KeyChain",
     "KeyExpired",
     "KeyFile",
     "KeyRotation",
+    "LogFull",
     "MalformedFrame",
     "MemberState",
     "MemberStatus",
@@ -48,9 +57,16 @@ __all__ = [
     "PingReq",
     "PushPull",
     "PushPullReply",
+    "Row",
+    "RowBatch",
+    "RowDigest",
+    "RowGap",
+    "RowSyncConfig",
     "Suspect",
     "SwimConfig",
     "TransportConfig",
+    "TrustConfig",
+    "TrustReport",
     "UnknownKey",
     "UnknownMessageType",
     "Update",
@@ -147,6 +163,30 @@ class JoinFailed(MeshError):
     """No seed address answered a join within the deadline."""
 
     code = "join_failed"
+
+
+class ClockSkew(MeshError):
+    """A timestamp is further ahead of the local clock than the configured bound."""
+
+    code = "clock_skew"
+
+
+class RowGap(MeshError):
+    """A row does not directly follow its origin's highest held seq (it would leave a gap)."""
+
+    code = "row_gap"
+
+
+class LogFull(MeshError):
+    """The row log (or one origin's share of it) is at its limit; the row is refused."""
+
+    code = "log_full"
+
+
+class BootstrapError(MeshError):
+    """A bootstrap file (``.well-known/egregora-peers.json``) is unreadable or invalid."""
+
+    code = "bootstrap"
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,8 +330,144 @@ class PushPullReply(msgspec.Struct, frozen=True, array_like=True, tag="push_pull
     members: list[MemberState]
 
 
+# --------------------------------------------------------------------------------------------
+# Replicated rows and anti-entropy wire messages
+# --------------------------------------------------------------------------------------------
+
+#: Caps checked while decoding (msgspec refuses a longer list/map/string before building it).
+MAX_BATCH_ROWS = 4096
+MAX_DIGEST_ORIGINS = 65536
+MAX_CHAIN = 64
+MAX_KIND = 32
+
+
+class Hlc(msgspec.Struct, frozen=True, array_like=True, order=True):
+    """A hybrid logical clock reading: Unix milliseconds and a logical counter.
+
+    Ordered as the tuple ``(wall_ms, logical)``. ``wall_ms`` stays within the configured skew of
+    physical time, so an HLC reads as a timestamp while still ordering causally related events.
+    """
+
+    wall_ms: int
+    logical: int = 0
+
+
+class Row(msgspec.Struct, frozen=True, array_like=True):
+    """One replicated row, signed by its origin; ``(origin, seq)`` identifies it mesh-wide.
+
+    ``seq`` counts the origin's rows from 1 without gaps. The signature (context ``"row"``)
+    covers every other field, ``key_id`` included, so a relay can change nothing.
+    """
+
+    origin: str
+    seq: int
+    hlc: Hlc
+    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KIND)]
+    payload: bytes
+    key_id: str
+    signature: bytes = b""
+
+
+class KeyChain(msgspec.Struct, frozen=True, array_like=True):
+    """What a verifier needs for an origin's keys: its genesis key and rotation chain.
+
+    Self-certifying (the genesis key derives the peer id, each rotation is signed by the key
+    it replaces), so it may travel through untrusted relays with the rows.
+    """
+
+    peer_id: str
+    genesis_key: bytes
+    rotations: Annotated[list[KeyRotation], msgspec.Meta(max_length=MAX_CHAIN)] = msgspec.field(
+        default_factory=list
+    )
+
+
+class RowDigest(msgspec.Struct, frozen=True, array_like=True, tag="row_digest"):
+    """Scuttlebutt digest: ``{origin: highest contiguous seq}``, or only its fingerprint.
+
+    ``full`` False = compact form (fingerprint only, ``heads`` empty): in steady state two
+    nodes exchange 16 bytes of digest, whatever the mesh size. ``reply`` asks the receiver to
+    answer with its own digest.
+    """
+
+    seq: int
+    fingerprint: bytes
+    heads: Annotated[dict[str, int], msgspec.Meta(max_length=MAX_DIGEST_ORIGINS)]
+    full: bool
+    reply: bool
+
+
+class RowBatch(msgspec.Struct, frozen=True, array_like=True, tag="row_batch"):
+    """Rows the receiver lacks, in seq order per origin, with the key chains to verify them.
+
+    ``more`` says the sender held back rows because of the per-message bounds; they follow in
+    a later round.
+    """
+
+    seq: int
+    rows: Annotated[list[Row], msgspec.Meta(max_length=MAX_BATCH_ROWS)]
+    chains: Annotated[list[KeyChain], msgspec.Meta(max_length=MAX_BATCH_ROWS)]
+    more: bool
+
+
+class TrustReport(msgspec.Struct, frozen=True, array_like=True, tag="trust_report"):
+    """Payload of a ``trust_report`` row: the origin's interaction counts with other peers.
+
+    ``edges`` maps a peer id to ``[satisfactory, unsatisfactory]``. The latest report of an
+    origin replaces its earlier ones in every node's trust graph.
+    """
+
+    edges: dict[str, tuple[int, int]]
+
+
+class Grant(msgspec.Struct, frozen=True, kw_only=True, tag="grant"):
+    """Payload of a ``grant`` row: ``grantee`` may use ``permissions`` on rows tagged ``tags``.
+
+    The row carrying it is signed by the granter (its origin); ``expires_at`` is Unix seconds.
+    Enforcement belongs to federated search (not built yet).
+    """
+
+    grantee: str
+    tags: list[str]
+    permissions: list[Literal["search", "read"]]
+    expires_at: int
+    redact: list[str] = msgspec.field(default_factory=list)
+
+
 #: Every message a mesh connection may carry.
-MeshMessage = Hello | Ping | Ack | PingReq | Gossip | PushPull | PushPullReply
+MeshMessage = (
+    Hello | Ping | Ack | PingReq | Gossip | PushPull | PushPullReply | RowDigest | RowBatch
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap file: .well-known/egregora-peers.json
+# --------------------------------------------------------------------------------------------
+
+_PEER_ID_PATTERN = "^[a-z2-7]{32}$"
+
+
+class BootstrapPeer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One entry of a bootstrap file."""
+
+    #: 32 lower-case base32 characters (see docs/mesh.md, "Identity").
+    peer_id: Annotated[str, msgspec.Meta(pattern=_PEER_ID_PATTERN)]
+    #: "host:port" addresses to try, in order.
+    addrs: Annotated[list[str], msgspec.Meta(min_length=1, max_length=8)]
+    #: The genesis public key (32 bytes, base64). When present it must derive ``peer_id``.
+    public_key: bytes | None = None
+    #: Operator's choice: anchor EigenTrust in this peer.
+    pretrusted: bool = False
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+
+
+class BootstrapFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``.well-known/egregora-peers.json``: who to contact first, and whom to trust a priori."""
+
+    version: Literal[1]
+    #: Must equal the transport's mesh name.
+    mesh: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    peers: Annotated[list[BootstrapPeer], msgspec.Meta(min_length=1, max_length=1024)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,3 +567,164 @@ class SwimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         ):
             if getattr(self, name) < 1:
                 raise ConfigError("must be >= 1", field=name)
+
+
+class RowSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Anti-entropy timers and bounds, the row log's limits and the HLC skew bound."""
+
+    #: Every this many seconds, start one digest exchange with one random live member.
+    sync_interval: float = 1.0
+    #: No answer to a digest within this ⇒ a timeout, recorded as trust evidence.
+    sync_timeout: float = 2.0
+    #: Per message: at most this many rows and (estimated encoded) bytes; the rest next round.
+    max_batch_rows: int = 256
+    max_batch_bytes: int = 256 * 1024
+    #: Largest payload a row may carry (refused on publish and on receipt).
+    max_payload: int = 64 * 1024
+    #: Rows whose HLC is further ahead of local physical time than this are refused.
+    max_skew: float = 60.0
+    #: Row log limits: total rows, rows per origin, distinct origins. At a limit new rows are
+    #: refused (counted ``log_full``) and the sender's digest keeps asking for them later.
+    max_rows: int = 1_000_000
+    max_rows_per_origin: int = 100_000
+    max_origins: int = 4096
+    #: Digest exchanges awaiting an answer (one per round is started; older ones expire).
+    max_pending: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("sync_interval", "sync_timeout", "max_skew"):
+            _positive(getattr(self, name), name)
+        if not 1 <= self.max_batch_rows <= MAX_BATCH_ROWS:
+            raise ConfigError(f"must be in 1..{MAX_BATCH_ROWS}", field="max_batch_rows")
+        for name in (
+            "max_batch_bytes",
+            "max_payload",
+            "max_rows",
+            "max_rows_per_origin",
+            "max_origins",
+            "max_pending",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be >= 1", field=name)
+        if self.max_payload + 512 > self.max_batch_bytes:
+            raise ConfigError("must leave room for one row of max_payload", field="max_batch_bytes")
+
+
+class TrustConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """EigenTrust parameters and the two policy thresholds.
+
+    Thresholds are relative to the uniform score ``1/N`` (1.0 = an average peer), so they mean
+    the same in a mesh of 10 and of 1,000. They only apply to peers with at least
+    ``min_evidence`` interactions reported about them: a newcomer nobody has dealt with yet is
+    neither trusted nor distrusted.
+    """
+
+    #: Weight of the pre-trusted distribution in every iteration (EigenTrust's ``a``).
+    pretrust_weight: float = 0.15
+    epsilon: float = 1e-6
+    max_iterations: int = 1000
+    #: Below this (x 1/N) a peer is no longer synced from.
+    sync_threshold: float = 0.05
+    #: Below this (x 1/N) a peer's frames are dropped.
+    drop_threshold: float = 0.005
+    min_evidence: int = 1
+    #: Unsatisfactory interactions recorded for one forged signature.
+    forgery_penalty: int = 10
+    #: ... for one exchange left unanswered while SWIM still held the peer alive. 0 by
+    #: default: across a partition every honest peer times out before SWIM notices, and
+    #: letting that lower trust turned a healed partition into a permanent split (both sides
+    #: dropping each other's frames) in the partition test. Raise it to punish free riders.
+    timeout_penalty: int = 0
+    #: Peers in the trust graph (a dense N x N float64 matrix: 1,024 peers = 8 MiB).
+    max_peers: int = 1024
+    #: Seconds between recomputations inside a running replicator.
+    recompute_interval: float = 10.0
+    #: Seconds between this node's signed trust reports (only sent when its counts changed);
+    #: None: never publish.
+    report_interval: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.pretrust_weight < 1:
+            raise ConfigError("must be in (0, 1)", field="pretrust_weight")
+        if not 0 < self.epsilon < 1:
+            raise ConfigError("must be in (0, 1)", field="epsilon")
+        if not 0 <= self.drop_threshold <= self.sync_threshold:
+            raise ConfigError("must be in [0, sync_threshold]", field="drop_threshold")
+        for name in ("max_iterations", "max_peers", "forgery_penalty"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be >= 1", field=name)
+        if self.min_evidence < 0 or self.timeout_penalty < 0:
+            raise ConfigError("must be >= 0", field="min_evidence")
+        _positive(self.recompute_interval, "recompute_interval")
+        if self.report_interval is not None:
+            _positive(self.report_interval, "report_interval")
+
+
+# --------------------------------------------------------------------------------------------
+# DuckDB tables (registered as a migration by the writer's owner; see docs/mesh.md)
+# --------------------------------------------------------------------------------------------
+
+#: DDL of the mesh tables, in order. Idempotent (``IF NOT EXISTS``). Times are TIMESTAMPTZ
+#: (UTC); an HLC is stored as its two integers so that ``ORDER BY hlc_wall_ms, hlc_logical``
+#: is its order.
+MESH_DDL: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS peers (
+    peer_id VARCHAR PRIMARY KEY,
+    addrs VARCHAR[] NOT NULL,
+    status VARCHAR NOT NULL CHECK (status IN ('alive', 'suspect', 'dead', 'left')),
+    incarnation BIGINT NOT NULL DEFAULT 0,
+    genesis_key BLOB NOT NULL,
+    pretrusted BOOLEAN NOT NULL DEFAULT false,
+    first_seen TIMESTAMPTZ NOT NULL,
+    last_seen TIMESTAMPTZ NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS peer_keys (
+    peer_id VARCHAR NOT NULL,
+    key_id VARCHAR NOT NULL,
+    public_key BLOB NOT NULL,
+    rotation_seq INTEGER NOT NULL,
+    valid_from TIMESTAMPTZ NOT NULL,
+    expired_at TIMESTAMPTZ,
+    rotation BLOB,
+    PRIMARY KEY (peer_id, key_id)
+)""",
+    """CREATE TABLE IF NOT EXISTS trust_edges (
+    from_peer VARCHAR NOT NULL,
+    to_peer VARCHAR NOT NULL,
+    satisfactory BIGINT NOT NULL DEFAULT 0 CHECK (satisfactory >= 0),
+    unsatisfactory BIGINT NOT NULL DEFAULT 0 CHECK (unsatisfactory >= 0),
+    updated_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (from_peer, to_peer)
+)""",
+    """CREATE TABLE IF NOT EXISTS trust_scores (
+    peer_id VARCHAR NOT NULL,
+    score DOUBLE NOT NULL CHECK (score >= 0 AND score <= 1),
+    computed_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (peer_id, computed_at)
+)""",
+    """CREATE TABLE IF NOT EXISTS grants (
+    granter VARCHAR NOT NULL,
+    grantee VARCHAR NOT NULL,
+    row_seq BIGINT NOT NULL,
+    tags VARCHAR[] NOT NULL,
+    permissions VARCHAR[] NOT NULL,
+    redact VARCHAR[] NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (granter, row_seq)
+)""",
+    """CREATE TABLE IF NOT EXISTS mesh_rows (
+    origin VARCHAR NOT NULL,
+    seq BIGINT NOT NULL CHECK (seq >= 1),
+    hlc_wall_ms BIGINT NOT NULL,
+    hlc_logical INTEGER NOT NULL,
+    kind VARCHAR NOT NULL,
+    payload BLOB NOT NULL,
+    key_id VARCHAR NOT NULL,
+    signature BLOB NOT NULL,
+    received_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (origin, seq)
+)""",
+    "CREATE INDEX IF NOT EXISTS mesh_rows_kind ON mesh_rows (kind)",
+    "CREATE INDEX IF NOT EXISTS grants_grantee ON grants (grantee)",
+)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 
+import msgspec
 import trio
 
 from symbiote.actors.mesh.net import Inbound, PeerAddr
@@ -29,6 +30,8 @@ class MemoryEndpoint:
         self._tx, self._rx = trio.open_memory_channel[Inbound](queue)
         self.sent = 0
         self.dropped = 0
+        #: Bytes this endpoint sent (only counted when the network has ``measure_bytes``).
+        self.bytes_sent = 0
 
     @property
     def local(self) -> PeerAddr:
@@ -45,6 +48,10 @@ class MemoryEndpoint:
         ok = self._net._deliver(self._local, to, msg)
         if ok:
             self.sent += 1
+            if self._net.measure_bytes:
+                # What the TCP transport would put on the wire: 4-byte length + MessagePack
+                # (TLS record overhead, ~22 bytes per record, is not included).
+                self.bytes_sent += 4 + len(self._net._encoder.encode(msg))
         else:
             self.dropped += 1
         return ok
@@ -61,11 +68,19 @@ class MemoryNetwork:
     """A switch between endpoints, addressed by ``addr``; with crash and partition controls."""
 
     def __init__(
-        self, *, queue: int = 1024, loss: float = 0.0, rng: random.Random | None = None
+        self,
+        *,
+        queue: int = 1024,
+        loss: float = 0.0,
+        rng: random.Random | None = None,
+        measure_bytes: bool = False,
     ) -> None:
         if not 0.0 <= loss < 1.0:
             raise ValueError("loss must be in [0, 1)")
         self._queue = queue
+        #: Count encoded bytes per endpoint (costs an encode per message; benchmarks only).
+        self.measure_bytes = measure_bytes
+        self._encoder = msgspec.msgpack.Encoder()
         #: Probability that any one message is lost (a lossy LAN).
         self.loss = loss
         self._rng = rng if rng is not None else random.Random()

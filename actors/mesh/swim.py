@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -74,6 +74,7 @@ STAT_KEYS = (
     "reconnect_attempts",
     "send_dropped",
     "unexpected",
+    "distrusted",
 )
 
 
@@ -131,6 +132,12 @@ class SwimNode:
         self._relays = 0
         self._nursery: trio.Nursery | None = None
         self._log: dict[str, str] = {}
+        #: Handlers for messages that are not SWIM's (anti-entropy rides on the same network
+        #: and the same receive loop); each returns True if it took the message.
+        self.handlers: list[Callable[[Inbound], bool]] = []
+        #: Trust policy hook: frames from a sender for which this returns False are dropped
+        #: (counted ``distrusted``) before anything else looks at them.
+        self.admit: Callable[[str], bool] | None = None
 
     # -- public view ---------------------------------------------------------------------
 
@@ -335,6 +342,15 @@ class SwimNode:
 
     def _handle(self, item: Inbound) -> None:
         msg, sender = item.msg, item.sender
+        if self.admit is not None and sender.peer_id is not None and not self.admit(sender.peer_id):
+            self.stats["distrusted"] += 1
+            if self.stats["distrusted"] & (self.stats["distrusted"] - 1) == 0:
+                log.warning(
+                    "dropping frames of a distrusted peer (count %d)",
+                    self.stats["distrusted"],
+                    extra={**self._log, "sender": sender.peer_id},
+                )
+            return
         match msg:
             case Ping():
                 self._apply(msg.updates)
@@ -361,6 +377,9 @@ class SwimNode:
                 if ev is not None:
                     ev.set()
             case _:
+                for handler in self.handlers:
+                    if handler(item):
+                        return
                 self.stats["unexpected"] += 1
 
     def _start_relay(self, requester: PeerAddr, req: PingReq) -> None:
