@@ -37,7 +37,7 @@ class Database:
             raise ConfigError("the database is already open", field="db_path")
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        config: dict[str, str | int] = {}
+        config: dict[str, str | bool | int | float | list[str]] = {}
         if self.threads is not None:
             config["threads"] = self.threads
         try:

@@ -25,7 +25,13 @@ from symbiote.actors._threads import run_in_db_thread
 from symbiote.actors.database import Database
 from symbiote.runtime import Actor, ActorRef, Busy, Inbox, Request
 from symbiote.schema.ddl import migrate
-from symbiote.schema.errors import ActorStopped, DeadlineExceeded, Failure, error_for_code
+from symbiote.schema.errors import (
+    ActorStopped,
+    DeadlineExceeded,
+    Failure,
+    SymbioteError,
+    error_for_code,
+)
 from symbiote.schema.messages import (
     ChunksCommitted,
     DeleteChunks,
@@ -177,5 +183,5 @@ class Writer(Actor):
                 log.warning("follower missed a commit notice", extra={"follower": ref.name})
 
 
-def _error(failure: Failure) -> Exception:
+def _error(failure: Failure) -> SymbioteError:
     return error_for_code(failure.code)(failure.message, field=failure.field)

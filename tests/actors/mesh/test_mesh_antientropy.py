@@ -7,6 +7,7 @@ expired keys, replays, clock skew, trust policy, and joining through a bootstrap
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import msgspec
 import pytest
@@ -314,7 +315,7 @@ async def test_join_through_a_bootstrap_file(autojump_clock):
         m = Mesh(nursery, seed=10)
         first = await m.add()
         second = await m.add()
-        doc = {
+        doc: dict[str, Any] = {
             "version": 1,
             "mesh": "default",
             "peers": [
