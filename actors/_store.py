@@ -88,11 +88,14 @@ class StoreState:
     :func:`apply_batch` advances ``high_seq``, and only after a COMMIT returned.
     """
 
-    __slots__ = ("high_seq", "limits")
+    __slots__ = ("careful_groups", "high_seq", "limits")
 
     def __init__(self, limits: Limits, high_seq: int = 0) -> None:
         self.limits = limits
         self.high_seq = high_seq
+        # Groups left to write messages with ON CONFLICT after a duplicate was met (retries
+        # come in bursts after a crash); 0 means the optimistic plain INSERT.
+        self.careful_groups = 0
 
     @classmethod
     def load(cls, con: duckdb.DuckDBPyConnection, limits: Limits) -> StoreState:
@@ -310,8 +313,41 @@ def _take(values: list[Any], keep: list[int] | None) -> list[Any]:
     return values if keep is None else [values[i] for i in keep]
 
 
+#: Groups written the careful way after a duplicate event_id was met.
+CAREFUL_AFTER_CONFLICT: Final = 50
+
+
+def _insert_all_new(con: duckdb.DuckDBPyConnection, table: pa.Table) -> bool:
+    """Try a plain INSERT of ``table``; False (transaction restarted) if an event_id exists.
+
+    A plain INSERT costs about half of ``ON CONFLICT DO NOTHING RETURNING`` per commit on
+    the unique index (4 ms against 6 ms for a 150-row group here), and in real-time ingest
+    nearly every message is new. When one is not, the failed statement has aborted the
+    transaction: this is the transaction's first statement (see ``_attempt``), so restarting
+    it loses nothing, and the caller goes on with the careful statement.
+    """
+    try:
+        _insert_arrow(
+            con,
+            "INSERT INTO messages",
+            "_symbiote_messages",
+            table,
+            "INSERT INTO messages BY NAME SELECT * FROM _symbiote_messages",
+        )
+    except _StatementError as exc:
+        if not isinstance(exc.cause, duckdb.ConstraintException):
+            raise
+        _rollback(con)
+        _exec(con, "BEGIN", "BEGIN TRANSACTION")
+        return False
+    return True
+
+
 def _write_messages(
-    con: duckdb.DuckDBPyConnection, preps: list[_Prepared], now: _dt.datetime
+    con: duckdb.DuckDBPyConnection,
+    preps: list[_Prepared],
+    now: _dt.datetime,
+    state: StoreState,
 ) -> dict[int, WriteAck]:
     msgs = [m for p in preps for m in p.messages]
     attrs = [a for p in preps for a in p.json_a]
@@ -345,15 +381,21 @@ def _write_messages(
             "created_by_run": _col("created_by_run", [m.created_by_run for m in msgs], _STR),
         }
     )
-    rows = _insert_arrow(
-        con,
-        "INSERT INTO messages",
-        "_symbiote_messages",
-        table,
-        "INSERT INTO messages BY NAME SELECT * FROM _symbiote_messages"
-        " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-    )
-    inserted = {r[0] for r in rows}
+    if state.careful_groups == 0 and _insert_all_new(con, table):
+        inserted = set(table.column("event_id").to_pylist())
+    else:
+        state.careful_groups = (
+            CAREFUL_AFTER_CONFLICT if state.careful_groups == 0 else state.careful_groups - 1
+        )
+        rows = _insert_arrow(
+            con,
+            "INSERT INTO messages",
+            "_symbiote_messages",
+            table,
+            "INSERT INTO messages BY NAME SELECT * FROM _symbiote_messages"
+            " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        )
+        inserted = {r[0] for r in rows}
     acks: dict[int, WriteAck] = {}
     credited: set[str] = set()
     for p in preps:
@@ -556,7 +598,8 @@ def _attempt(
     _exec(con, "BEGIN", "BEGIN TRANSACTION")
     try:
         if msg_preps:
-            acks.update(_write_messages(con, msg_preps, now))
+            # Messages first: _insert_all_new may restart the transaction.
+            acks.update(_write_messages(con, msg_preps, now, state))
         if doc_preps:
             acks.update(_write_documents(con, doc_preps))
         if chunk_preps:
