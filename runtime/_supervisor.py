@@ -45,11 +45,12 @@ log = logging.getLogger("symbiote.supervisor")
 class _Exit:
     """A child's incarnation ended on its own (not stopped by its supervisor)."""
 
-    __slots__ = ("child", "error")
+    __slots__ = ("child", "error", "incarnation")
 
     def __init__(self, child: _Child, error: BaseException | None) -> None:
         self.child = child
         self.error = error
+        self.incarnation = child.incarnation
 
 
 class _Child:
@@ -73,6 +74,7 @@ class _Child:
         self.stop_deadline = 0.0
         self.stop_state = ActorState.STOPPING
         self.restarts = 0
+        self.incarnation = 0
         self.last_error: str | None = None
 
     @property
@@ -95,9 +97,10 @@ class Supervisor:
         self._budget = RestartBudget(
             spec.intensity, spec.period, spec.backoff_initial, spec.backoff_max
         )
-        # Each child has at most one live incarnation, hence at most one pending exit.
+        # A child has at most one live incarnation, so at most one current exit pending, plus
+        # one stale exit from an incarnation that ended while its group was being restarted.
         self._exit_send, self._exit_receive = trio.open_memory_channel[_Exit](
-            max(1, len(self._children))
+            2 * len(self._children) + 1
         )
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
@@ -215,6 +218,8 @@ class Supervisor:
         while True:
             ev = await self._exit_receive.receive()
             child = ev.child
+            if ev.incarnation != child.incarnation:
+                continue  # already restarted as part of a group since this exit
             if not self._should_restart(child.spec, ev.error):
                 log.info("child exited, not restarted", extra={"child": child.path})
                 self._retire(child)
@@ -282,6 +287,7 @@ class Supervisor:
         assert self._nursery is not None
         child.stop_requested = False
         child.exited = trio.Event()
+        child.incarnation += 1
         try:
             await self._nursery.start(self._incarnation, child)
         except Exception as exc:

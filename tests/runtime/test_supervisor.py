@@ -242,3 +242,26 @@ def test_bad_child_specs() -> None:
     assert info.value.field == "a.restart"
     with pytest.raises(ConfigError):
         worker("a", log, shutdown=0)
+
+
+async def test_callers_wait_through_a_parent_restart_of_a_nested_tree(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log: list[str] = []
+    inner = SupervisorSpec(id="inner", children=(worker("x", log),))
+    spec = SupervisorSpec(
+        id="root",
+        strategy="one_for_all",
+        children=(worker("a", log), inner),
+        backoff_initial=1.0,
+    )
+    async with open_supervisor(spec) as sup:
+        with pytest.raises(Exception, match="crashed"):
+            await sup.ref("a").ask(Crash(), timeout=5)
+        await trio.sleep(0.1)  # the supervisor has stopped the group; the 1 s backoff runs
+        # inner/x is being restarted along with a: a caller now waits for the new
+        # incarnation instead of being told the actor is stopped.
+        t0 = trio.current_time()
+        assert await sup.ref("inner/x").ask(Echo("x"), timeout=10) == "x"
+        assert trio.current_time() - t0 == pytest.approx(0.9)
+        assert sup.ref("inner/x").restarts == 1
