@@ -22,6 +22,7 @@ import msgspec
 import trio
 
 from symbiote.runtime._config import Config
+from symbiote.runtime._logging import configure_logging
 from symbiote.runtime._system import Runtime, open_runtime
 from symbiote.schema.errors import SymbioteError
 from symbiote.schema.records import Message
@@ -125,10 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SymbioteError as exc:
         print(f"symbiote: bad configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(config.log_level)
     if args.command == "config":
         print(msgspec.toml.encode(config).decode())
         return 0
