@@ -23,7 +23,13 @@ from symbiote.actors._query import iter_batches, run_query
 from symbiote.actors._threads import run_in_db_thread
 from symbiote.actors.database import Database
 from symbiote.runtime import Actor, Inbox, Request
-from symbiote.schema.errors import DeadlineExceeded, Interrupted, SymbioteError
+from symbiote.schema.errors import (
+    BadArgument,
+    DeadlineExceeded,
+    Interrupted,
+    QueryError,
+    SymbioteError,
+)
 
 __all__ = ["Query", "Reader", "Stream"]
 
@@ -35,9 +41,13 @@ QueryFormat = Literal["arrow", "numpy", "records"]
 
 
 class Query(msgspec.Struct, frozen=True, kw_only=True):
-    """Run one read-only statement and answer with its whole result."""
+    """Run one read-only statement and answer with its whole result.
 
-    sql: str
+    ``sql`` is SQL text or an Ibis expression (with the ``ibis`` extra installed), which the
+    reader compiles for DuckDB in its worker thread and runs like SQL.
+    """
+
+    sql: Any  # str, or an ibis.Expr; in-process only
     params: tuple[Any, ...] | dict[str, Any] | None = None
     fmt: QueryFormat = "arrow"
 
@@ -51,7 +61,7 @@ class Stream(msgspec.Struct, frozen=True, kw_only=True):
     consumer may hold the reader.
     """
 
-    sql: str
+    sql: Any  # str, or an ibis.Expr (see Query)
     into: Any  # trio.MemorySendChannel[pa.RecordBatch | SymbioteError]; in-process only
     params: tuple[Any, ...] | dict[str, Any] | None = None
     batch_rows: int = 10_000
@@ -91,7 +101,9 @@ class Reader(Actor):
     async def _query(self, request: Request, q: Query) -> None:
         con = self._connection()
         try:
-            result = await self._guarded(request, lambda: run_query(con, q.sql, q.params, q.fmt))
+            result = await self._guarded(
+                request, lambda: run_query(con, to_sql(q.sql), q.params, q.fmt)
+            )
         except SymbioteError as exc:
             request.fail(exc)
         else:
@@ -145,7 +157,7 @@ class Reader(Actor):
     ) -> None:
         con = self._connection()
         batches: Iterator[pa.RecordBatch] = await self._guarded(
-            request, lambda: iter_batches(con, msg.sql, msg.params, msg.batch_rows)
+            request, lambda: iter_batches(con, to_sql(msg.sql), msg.params, msg.batch_rows)
         )
         try:
             while True:
@@ -163,6 +175,25 @@ class Reader(Actor):
             # Ends the statement (and frees the connection) whether or not it finished.
             with trio.CancelScope(shield=True):
                 await run_in_db_thread(_close_iterator, batches, limiter=self._limiter)
+
+
+def to_sql(statement: Any) -> str:
+    """SQL text for ``statement``: itself if it is a str, compiled if it is an Ibis expression.
+
+    Compiling can take milliseconds, which is why readers call this in their worker thread.
+    """
+    if isinstance(statement, str):
+        return statement
+    if type(statement).__module__.startswith("ibis."):
+        import ibis  # optional extra: only needed when an expression is passed
+
+        try:
+            return str(ibis.to_sql(statement, dialect="duckdb"))
+        except Exception as exc:  # ibis raises many types; all mean "cannot compile this"
+            raise QueryError(f"cannot compile the Ibis expression: {exc}", field="sql") from None
+    raise BadArgument(
+        f"must be SQL text or an Ibis expression, not {type(statement).__name__}", field="sql"
+    )
 
 
 def _close_iterator(batches: Iterator[pa.RecordBatch]) -> None:
