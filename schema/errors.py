@@ -23,6 +23,8 @@ __all__ = [
     "Failure",
     "Interrupted",
     "InvalidRecord",
+    "NotFound",
+    "PeriodOpen",
     "QueryError",
     "SchemaTooNew",
     "SupervisorEscalation",
@@ -134,6 +136,18 @@ class WriteConflict(SymbioteError):
     """A write failed a constraint or a concurrent transaction touched the same key."""
 
     code = "write_conflict"
+
+
+class NotFound(BadArgument):
+    """A call named something that does not exist: a data period, a tenant in it, a message."""
+
+    code = "not_found"
+
+
+class PeriodOpen(BadArgument):
+    """A maintenance call targeted a data period that may still receive writes; refused."""
+
+    code = "period_open"
 
 
 class SchemaTooNew(SymbioteError):
