@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -34,6 +34,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     readers: int = 4
     #: DuckDB worker threads for the whole instance (None: DuckDB's default, the core count).
     duckdb_threads: int | None = None
+    #: How much lower (Unix ``nice``) database threads run than the trio loop's thread, so
+    #: heavy queries on few cores do not delay the loop; 0 leaves priorities alone.
+    db_thread_nice: int = 10
     #: Mailbox sizes: the bound on requests queued at each actor.
     writer_mailbox: int = 4096
     reader_mailbox: int = 64
@@ -56,6 +59,38 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     shutdown_s: float = 10.0
     log_level: str = "INFO"
 
+    # -- vector search (the index actor; docs/vector-search.md) ---------------------------
+    #: Run the HNSW index actor (search needs it; a host that never searches may save the RAM).
+    index_enabled: bool = True
+    #: Snapshot folder; empty means ``<db_path>.index`` (none for an in-memory database).
+    index_dir: str = ""
+    #: HNSW graph shape (fixed per snapshot: changing them rebuilds the index at start).
+    index_backend: Literal["hnswlib", "usearch"] = "hnswlib"
+    index_m: int = 16
+    index_ef_construction: int = 128
+    #: Default search breadth (per call: ``search(..., ef=)``); raised to k automatically.
+    index_ef_search: int = 64
+    #: Library threads for batch builds and searches (0: one per core).
+    index_threads: int = 0
+    index_mailbox: int = 1024
+    #: Snapshot after this many changes, or this long after the first unsaved change.
+    index_snapshot_every_changes: int = 50_000
+    index_snapshot_interval_s: float = 300.0
+    #: Most changes read from the table per catch-up round (bounds memory in a rebuild).
+    index_catchup_rows: int = 20_000
+    #: How often the index checks the table for commits whose notice was dropped.
+    index_poll_s: float = 1.0
+    #: Most queries stacked into one library call.
+    index_max_batch: int = 256
+    #: Largest k a caller may ask for.
+    search_max_k: int = 1000
+    #: Largest over-fetch of one filtered search before it falls back to an exact scan.
+    search_max_fetch: int = 4096
+    #: A filter admitting at most this many chunks is answered by an exact scan in DuckDB.
+    search_exact_rows: int = 2000
+    #: How long a filter's selectivity estimate (a COUNT) is reused, in seconds.
+    search_count_ttl_s: float = 10.0
+
     def __post_init__(self) -> None:
         _at_least(self.dim, 1, "dim")
         _at_least(self.readers, 1, "readers")
@@ -65,6 +100,29 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         _at_least(self.max_text_bytes, 1, "max_text_bytes")
         _at_least(self.stream_batch_rows, 1, "stream_batch_rows")
         _at_least(self.restart_intensity, 0, "restart_intensity")
+        if not isinstance(self.db_thread_nice, int) or not 0 <= self.db_thread_nice <= 19:
+            raise ConfigError(
+                f"must be an integer in [0, 19], got {self.db_thread_nice!r}",
+                field="db_thread_nice",
+            )
+        for name, low in (
+            ("index_m", 2),
+            ("index_ef_construction", 1),
+            ("index_ef_search", 1),
+            ("index_threads", 0),
+            ("index_mailbox", 1),
+            ("index_snapshot_every_changes", 1),
+            ("index_catchup_rows", 1),
+            ("index_max_batch", 1),
+            ("search_max_k", 1),
+            ("search_max_fetch", 1),
+            ("search_exact_rows", 0),
+        ):
+            _at_least(getattr(self, name), low, name)
+        if self.search_max_k > 100_000 or self.search_max_fetch > 100_000:
+            raise ConfigError("must be at most 100000", field="search_max_fetch")
+        if self.index_backend not in ("hnswlib", "usearch"):
+            raise ConfigError(f"unknown backend {self.index_backend!r}", field="index_backend")
         if self.duckdb_threads is not None:
             _at_least(self.duckdb_threads, 1, "duckdb_threads")
         if not 0 <= self.batch_window_s <= 1:
@@ -72,7 +130,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 f"must be within [0, 1] seconds, got {self.batch_window_s!r}",
                 field="batch_window_s",
             )
-        for name in ("default_timeout_s", "restart_period_s", "shutdown_s"):
+        for name in (
+            "default_timeout_s",
+            "restart_period_s",
+            "shutdown_s",
+            "index_snapshot_interval_s",
+            "index_poll_s",
+            "search_count_ttl_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"must be > 0, got {getattr(self, name)!r}", field=name)
         if not self.db_path:

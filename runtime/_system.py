@@ -3,11 +3,12 @@
 The tree::
 
     symbiote            one_for_one
-    └─ data             rest_for_one   (a writer restart restarts the readers after it)
+    └─ data             rest_for_one   (a writer restart restarts everything after it)
        ├─ writer        owns the DuckDB file and its read-write connection
-       └─ readers       one_for_one
-          ├─ reader-0   own connection (cursor) on the same instance
-          └─ ...
+       ├─ readers       one_for_one
+       │  ├─ reader-0   own connection (cursor) on the same instance
+       │  └─ ...
+       └─ index         HNSW over chunks.embedding, follows the writer's commits
 
 :func:`open_runtime` starts it and yields a :class:`Runtime`, whose methods are the whole data
 API; :func:`start_blocking` gives the same API to synchronous code.
@@ -24,8 +25,22 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import trio
 
+from symbiote.actors._threads import set_db_thread_nice
+from symbiote.actors._vector import VectorParams
 from symbiote.actors.database import Database
+from symbiote.actors.index import (
+    Followers,
+    Index,
+    IndexInfo,
+    IndexSettings,
+    IndexStatus,
+    Knn,
+    KnnHits,
+    SaveSnapshot,
+    default_index_dir,
+)
 from symbiote.actors.reader import Query, QueryFormat, Reader, Stream
+from symbiote.actors.search import SearchPlanner
 from symbiote.actors.writer import Writer
 from symbiote.runtime._actor import ActorRef
 from symbiote.runtime._blocking import BlockingHost
@@ -33,7 +48,7 @@ from symbiote.runtime._config import Config
 from symbiote.runtime._specs import ChildSpec, SupervisorSpec
 from symbiote.runtime._supervisor import Supervisor, open_supervisor
 from symbiote.runtime._tree import TreeNode, format_tree
-from symbiote.schema.errors import BadArgument, SymbioteError
+from symbiote.schema.errors import BadArgument, ConfigError, SymbioteError
 from symbiote.schema.messages import (
     DeleteChunks,
     IngestMessages,
@@ -42,6 +57,7 @@ from symbiote.schema.messages import (
     WriteAck,
 )
 from symbiote.schema.records import Chunk, Document, Limits, Message
+from symbiote.schema.search import SearchFilter, SearchHits
 
 __all__ = ["BlockingRuntime", "Runtime", "build_tree", "open_runtime", "start_blocking"]
 
@@ -52,9 +68,36 @@ R = TypeVar("R")
 Params = Sequence[Any] | dict[str, Any] | None
 
 
+def index_settings(config: Config) -> IndexSettings:
+    """The index actor's settings from ``config``."""
+    params = VectorParams(
+        dim=config.dim,
+        metric="cosine",
+        M=config.index_m,
+        ef_construction=config.index_ef_construction,
+        ef_search=config.index_ef_search,
+        # The index's own cap bounds one over-fetch of a filtered search, not the caller's k.
+        max_k=max(config.search_max_fetch, config.search_max_k),
+        backend=config.index_backend,
+        threads=config.index_threads,
+    )
+    return IndexSettings(
+        params=params,
+        directory=config.index_dir or default_index_dir(config.db_path),
+        snapshot_every_changes=config.index_snapshot_every_changes,
+        snapshot_interval_s=config.index_snapshot_interval_s,
+        catchup_rows=config.index_catchup_rows,
+        poll_s=config.index_poll_s,
+        max_batch=config.index_max_batch,
+        max_pending=max(config.index_mailbox, config.index_max_batch),
+    )
+
+
 def build_tree(config: Config, db: Database) -> SupervisorSpec:
     """The runtime's supervision tree for ``config``, as data."""
     limits = Limits(dim=config.dim, max_text_bytes=config.max_text_bytes)
+    # The index registers itself here when it starts; the writer notifies whoever is in it.
+    followers = Followers()
     writer = ChildSpec(
         id="writer",
         factory=lambda: Writer(
@@ -62,6 +105,7 @@ def build_tree(config: Config, db: Database) -> SupervisorSpec:
             limits,
             max_batch_rows=config.max_batch_rows,
             batch_window_s=config.batch_window_s,
+            subscribers=followers.refs,
         ),
         mailbox=config.writer_mailbox,
         shutdown=config.shutdown_s,
@@ -81,10 +125,21 @@ def build_tree(config: Config, db: Database) -> SupervisorSpec:
         intensity=config.restart_intensity,
         period=config.restart_period_s,
     )
+    children: tuple[ChildSpec | SupervisorSpec, ...] = (writer, readers)
+    if config.index_enabled:
+        settings = index_settings(config)
+        index = ChildSpec(
+            id="index",
+            factory=lambda: Index(db, settings, followers=followers),
+            mailbox=config.index_mailbox,
+            # The final snapshot is taken in on_stop; give it the time a large one needs.
+            shutdown=max(config.shutdown_s, 30.0),
+        )
+        children = (*children, index)
     data = SupervisorSpec(
         id="data",
         strategy="rest_for_one",
-        children=(writer, readers),
+        children=children,
         intensity=config.restart_intensity,
         period=config.restart_period_s,
     )
@@ -106,6 +161,18 @@ class Runtime:
         self._readers = [supervisor.ref(f"data/readers/reader-{i}") for i in range(config.readers)]
         # Calls in flight per reader, for least-loaded dispatch.
         self._inflight = dict.fromkeys(self._readers, 0)
+        self._index: ActorRef | None = (
+            supervisor.ref("data/index") if config.index_enabled else None
+        )
+        self.planner = SearchPlanner(
+            dim=config.dim,
+            knn=self._knn,
+            sql=self._sql,
+            max_k=config.search_max_k,
+            max_fetch=config.search_max_fetch,
+            exact_rows=config.search_exact_rows,
+            count_ttl_s=config.search_count_ttl_s,
+        )
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -145,7 +212,7 @@ class Runtime:
 
     async def query(
         self,
-        sql: str,
+        sql: str | Any,  # or an Ibis expression (extra "ibis")
         params: Params = None,
         *,
         fmt: QueryFormat = "arrow",
@@ -168,7 +235,7 @@ class Runtime:
     @asynccontextmanager
     async def stream(
         self,
-        sql: str,
+        sql: str | Any,  # or an Ibis expression (extra "ibis")
         params: Params = None,
         *,
         batch_rows: int | None = None,
@@ -196,6 +263,68 @@ class Runtime:
                 yield _batches(receive, wait)
         finally:
             self._inflight[reader] -= 1
+
+    # -- vector search ---------------------------------------------------------------------
+
+    async def search(
+        self,
+        vector: Any,
+        k: int = 10,
+        *,
+        where: SearchFilter | dict[str, Any] | None = None,
+        ef: int | None = None,
+        rerank: bool = False,
+        one_per_document: bool = False,
+        with_rows: bool = False,
+        timeout: float | None = None,
+    ) -> SearchHits:
+        """The ``k`` chunks nearest to ``vector`` (cosine), nearest first.
+
+        ``where`` filters on chunk and document fields (see
+        :class:`~symbiote.schema.search.SearchFilter`); the answer is the true filtered
+        top-k (index over-fetch checked in DuckDB, or an exact scan in DuckDB when the filter
+        is very selective). ``ef`` widens the index search (recall for time);
+        ``rerank`` recomputes distances from the stored embeddings; ``one_per_document``
+        keeps the nearest chunk of each document; ``with_rows`` adds the chunk rows.
+        Bad input raises :class:`InvalidRecord` (field ``vector``) or :class:`BadArgument`
+        (``k``, ``ef``, ``where.<field>``...).
+        """
+        self._index_ref()
+        return await self.planner.search(
+            vector,
+            k,
+            where=where,
+            ef=ef,
+            rerank=rerank,
+            one_per_document=one_per_document,
+            with_rows=with_rows,
+            timeout=self._timeout(timeout),
+        )
+
+    async def index_status(self, *, timeout: float | None = None) -> IndexInfo:
+        """What the index holds: size, commit sequence, snapshots, counters."""
+        info: IndexInfo = await self._index_ref().ask(IndexStatus(), timeout=self._timeout(timeout))
+        return info
+
+    async def save_index(self, *, timeout: float | None = None) -> IndexInfo:
+        """Save an index snapshot now (if anything changed since the last one)."""
+        info: IndexInfo = await self._index_ref().ask(
+            SaveSnapshot(), timeout=self._timeout(timeout)
+        )
+        return info
+
+    def _index_ref(self) -> ActorRef:
+        if self._index is None:
+            raise ConfigError("vector search is off (index_enabled = false)", field="index_enabled")
+        return self._index
+
+    async def _knn(self, vector: Any, k: int, ef: int | None, timeout: float) -> KnnHits:
+        hits: KnnHits = await self._index_ref().ask(Knn(vector=vector, k=k, ef=ef), timeout=timeout)
+        return hits
+
+    async def _sql(self, sql: str, params: list[Any], timeout: float) -> pa.Table:
+        table: pa.Table = await self.query(sql, params, fmt="arrow", timeout=timeout)
+        return table
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -246,6 +375,7 @@ def _params(params: Params) -> tuple[Any, ...] | dict[str, Any] | None:
 async def open_runtime(config: Config | None = None) -> AsyncIterator[Runtime]:
     """Start a runtime on ``config`` (defaults: ``Config()``) and shut it down on exit."""
     config = config or Config()
+    set_db_thread_nice(config.db_thread_nice)
     db = Database(config.db_path, threads=config.duckdb_threads)
     async with open_supervisor(build_tree(config, db)) as sup:
         log.info("runtime started", extra={"db_path": config.db_path, "readers": config.readers})
@@ -298,25 +428,29 @@ class BlockingRuntime:
 
     def ingest(self, messages: Iterable[Message], *, timeout: float | None = None) -> WriteAck:
         """Blocking :meth:`Runtime.ingest`."""
-        return self._run("ingest", tuple(messages), timeout=timeout)
+        ack: WriteAck = self._run("ingest", tuple(messages), timeout=timeout)
+        return ack
 
     def upsert_documents(
         self, documents: Iterable[Document], *, timeout: float | None = None
     ) -> WriteAck:
         """Blocking :meth:`Runtime.upsert_documents`."""
-        return self._run("upsert_documents", tuple(documents), timeout=timeout)
+        ack: WriteAck = self._run("upsert_documents", tuple(documents), timeout=timeout)
+        return ack
 
     def upsert_chunks(self, chunks: Iterable[Chunk], *, timeout: float | None = None) -> WriteAck:
         """Blocking :meth:`Runtime.upsert_chunks`."""
-        return self._run("upsert_chunks", tuple(chunks), timeout=timeout)
+        ack: WriteAck = self._run("upsert_chunks", tuple(chunks), timeout=timeout)
+        return ack
 
     def delete_chunks(self, chunk_ids: Iterable[str], *, timeout: float | None = None) -> WriteAck:
         """Blocking :meth:`Runtime.delete_chunks`."""
-        return self._run("delete_chunks", tuple(chunk_ids), timeout=timeout)
+        ack: WriteAck = self._run("delete_chunks", tuple(chunk_ids), timeout=timeout)
+        return ack
 
     def query(
         self,
-        sql: str,
+        sql: str | Any,  # or an Ibis expression (extra "ibis")
         params: Params = None,
         *,
         fmt: QueryFormat = "arrow",
@@ -327,7 +461,7 @@ class BlockingRuntime:
 
     def stream(
         self,
-        sql: str,
+        sql: str | Any,  # or an Ibis expression (extra "ibis")
         params: Params = None,
         *,
         batch_rows: int | None = None,
@@ -375,6 +509,42 @@ class BlockingRuntime:
                     await send.send(exc)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
+
+    def search(
+        self,
+        vector: Any,
+        k: int = 10,
+        *,
+        where: SearchFilter | dict[str, Any] | None = None,
+        ef: int | None = None,
+        rerank: bool = False,
+        one_per_document: bool = False,
+        with_rows: bool = False,
+        timeout: float | None = None,
+    ) -> SearchHits:
+        """Blocking :meth:`Runtime.search`."""
+        hits: SearchHits = self._run(
+            "search",
+            vector,
+            k,
+            where=where,
+            ef=ef,
+            rerank=rerank,
+            one_per_document=one_per_document,
+            with_rows=with_rows,
+            timeout=timeout,
+        )
+        return hits
+
+    def index_status(self, *, timeout: float | None = None) -> IndexInfo:
+        """Blocking :meth:`Runtime.index_status`."""
+        info: IndexInfo = self._run("index_status", timeout=timeout)
+        return info
+
+    def save_index(self, *, timeout: float | None = None) -> IndexInfo:
+        """Blocking :meth:`Runtime.save_index`."""
+        info: IndexInfo = self._run("save_index", timeout=timeout)
+        return info
 
     def tree(self) -> TreeNode:
         """The live supervision tree."""

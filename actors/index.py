@@ -1,0 +1,649 @@
+"""The index actor: an HNSW index over ``chunks.embedding``, kept as a view of the table.
+
+The database is the source of truth and the index a materialised view of it. The writer
+gives every committed chunk upsert and delete a commit sequence (``chunks.seq``, tombstones in
+``chunk_deletes``) and tells this actor after each COMMIT (:class:`ChunksCommitted`). The
+notices carry ids, not vectors, and the writer drops them when this mailbox is full, so they
+are only *wake-ups*: the actor always catches up from the table itself, reading everything
+with ``seq`` above the index's ``highest_seq`` in one read transaction. A missed notice is
+therefore never a lost change: the next notice, or the poll every ``poll_s`` seconds, finds
+the gap and the same catch-up closes it.
+
+Life cycle:
+
+* ``on_start`` (all blocking work in worker threads): take a connection with
+  ``db.cursor()``, load the newest snapshot from the index folder (``<db_path>.index/`` by
+  default) -- or rebuild from the table when there is none, it is damaged, or it claims a
+  ``seq`` the database never reached -- then catch up in bounded rounds, with progress logged
+  and snapshots taken along the way, so a long build killed halfway resumes from its last
+  snapshot instead of from zero.
+* ``run``: serves :class:`Knn` searches, micro-batched (all pending queries go into one
+  library call in a worker thread, as ``MicroBatcher`` does); follows notices; saves a
+  snapshot after ``snapshot_every_changes`` changes or ``snapshot_interval_s`` seconds.
+* ``on_stop``: saves a final snapshot if anything changed since the last one.
+
+Threads and locks: the DuckDB connection has its own ``CapacityLimiter(1)``; the
+:class:`VectorIndex` has another, shared by searches and mutations, so the two never run in
+parallel on it. A snapshot save only reads the index; it excludes mutations with a lock but
+lets searches run beside it (hnswlib searches are read-only), so a long save does not stall
+search.
+
+Bad input (wrong dimension, NaN/inf, all-zero under cosine, ``k`` out of range) is refused
+with a typed error naming the field and never reaches the library; the actor stays up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import msgspec
+import numpy as np
+import pyarrow as pa
+import trio
+
+from symbiote.actors._vector import SnapshotError, VectorIndex, VectorParams
+from symbiote.actors.database import Database
+from symbiote.runtime import Actor, ActorRef, Inbox, Request
+from symbiote.schema.ddl import META_CHUNK_SEQ
+from symbiote.schema.errors import DeadlineExceeded, InvalidRecord, SymbioteError
+from symbiote.schema.messages import ChunksCommitted
+
+__all__ = [
+    "Followers",
+    "Index",
+    "IndexInfo",
+    "IndexSettings",
+    "IndexStatus",
+    "Knn",
+    "KnnHits",
+    "SaveSnapshot",
+]
+
+log = logging.getLogger("symbiote.index")
+
+_PROGRESS_EVERY_S = 2.0
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class Knn(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``k`` nearest chunks of ``vector`` (a ``(dim,)`` array); answered by :class:`KnnHits`."""
+
+    vector: Any
+    k: int
+    ef: int | None = None
+
+
+class KnnHits(msgspec.Struct, frozen=True, kw_only=True):
+    """Nearest first. ``count`` is the index size and ``highest_seq`` its commit sequence."""
+
+    chunk_ids: list[str]
+    document_ids: list[str]
+    distances: list[float]
+    count: int
+    highest_seq: int
+
+
+class IndexStatus(msgspec.Struct, frozen=True):
+    """Ask for an :class:`IndexInfo`."""
+
+
+class SaveSnapshot(msgspec.Struct, frozen=True):
+    """Save a snapshot now if anything changed since the last; answered by :class:`IndexInfo`."""
+
+
+class IndexInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What the index holds and how it got there."""
+
+    count: int
+    highest_seq: int
+    snapshot_seq: int | None
+    changes_since_snapshot: int
+    snapshots_saved: int
+    loaded_snapshot: bool
+    rebuilt: bool
+    searches: int
+    batches: int
+    catchups: int
+    notices: int
+
+
+class IndexSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How the index actor runs; built from the runtime Config by the composition root."""
+
+    params: VectorParams
+    #: Snapshot folder; None keeps the index in memory only (e.g. an in-memory database).
+    directory: str | None
+    snapshot_every_changes: int = 50_000
+    snapshot_interval_s: float = 300.0
+    #: Most changes read from the table per catch-up round (bounds memory during builds).
+    catchup_rows: int = 20_000
+    #: How often the actor checks the table for commits whose notice was dropped.
+    poll_s: float = 1.0
+    #: Most queries in one library call, and most queued before the mailbox backs up.
+    max_batch: int = 256
+    max_pending: int = 1024
+
+
+class Followers:
+    """The refs the writer notifies after a commit; an index actor adds itself when it starts.
+
+    Pass :meth:`refs` as the writer's ``subscribers``. Refs are stable across restarts, so an
+    entry is never removed: a notice to a restarting follower is simply dropped (it catches up).
+    """
+
+    def __init__(self) -> None:
+        self._refs: tuple[ActorRef, ...] = ()
+
+    def add(self, ref: ActorRef) -> None:
+        """Register ``ref`` (idempotent)."""
+        if ref not in self._refs:
+            self._refs = (*self._refs, ref)
+
+    def refs(self) -> Sequence[ActorRef]:
+        """The registered refs."""
+        return self._refs
+
+
+# --------------------------------------------------------------------------- catch-up data
+
+
+class _Changes(msgspec.Struct):
+    """One catch-up round read from the table: everything with ``after < seq <= upto``."""
+
+    after: int
+    upto: int
+    high_water: int
+    ids: list[str]
+    documents: list[str]
+    vectors: Any  # float32 (n, dim)
+    deleted: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.ids) + len(self.deleted)
+
+
+def _arrow_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    """A FLOAT[dim] Arrow column as a float32 ``(n, dim)`` matrix (no per-row Python)."""
+    if len(column) == 0:
+        return np.empty((0, dim), dtype=np.float32)
+    arr = column.combine_chunks()
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat, dtype=np.float32).reshape(len(arr), dim)
+
+
+# --------------------------------------------------------------------------- the actor
+
+
+class Index(Actor):
+    """The HNSW index actor; see the module docstring."""
+
+    accepts = (Knn, ChunksCommitted, IndexStatus, SaveSnapshot)
+
+    def __init__(
+        self, db: Database, settings: IndexSettings, *, followers: Followers | None = None
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self._followers = followers
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._con_limiter = trio.CapacityLimiter(1)
+        self._index_limiter = trio.CapacityLimiter(1)
+        # Mutations and snapshot saves exclude each other; searches only need the limiter.
+        self._mutation = trio.Lock()
+        self._index: VectorIndex | None = None
+        self._doc_of: dict[str, str] = {}
+        self._target_seq = 0
+        self._wake = trio.Event()
+        self._pending: list[Request] = []
+        self._work = trio.Event()
+        self._room = trio.Event()
+        self._snapshot_seq: int | None = None
+        self._changes_since_snapshot = 0
+        self._last_snapshot_at = time.monotonic()
+        self.loaded_snapshot = False
+        self.rebuilt = False
+        self.snapshots_saved = 0
+        self.searches = 0
+        self.batches = 0
+        self.catchups = 0
+        self.notices = 0
+
+    # -- start / stop ----------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        if self._followers is not None:
+            # Register before reading the table: a commit from now on either is in our
+            # first catch-up or sends us a notice (or is found by the poll).
+            self._followers.add(self.ref)
+        self._con = await trio.to_thread.run_sync(self.db.cursor, limiter=self._con_limiter)
+        high_water = await self._run_db(self._high_water)
+        index = await trio.to_thread.run_sync(self._load_snapshot, high_water)
+        if index is None:
+            index = VectorIndex(self.settings.params)
+            self.rebuilt = True
+        else:
+            self.loaded_snapshot = True
+            self._snapshot_seq = index.highest_seq
+            self._doc_of = await self._run_db(self._read_document_map)
+        self._index = index
+        self._target_seq = high_water
+        await self._catch_up(progress=True)
+        if self.rebuilt or self._changes_since_snapshot:
+            await self._save_snapshot()
+        log.info(
+            "index ready",
+            extra={"count": len(index), "highest_seq": index.highest_seq, "rebuilt": self.rebuilt},
+        )
+
+    async def on_stop(self) -> None:
+        try:
+            if self._index is not None and self._changes_since_snapshot:
+                await self._save_snapshot()
+        finally:
+            con, self._con = self._con, None
+            if con is not None:
+                await trio.to_thread.run_sync(_close_quietly, con, limiter=self._con_limiter)
+
+    def _load_snapshot(self, high_water: int) -> VectorIndex | None:
+        directory = self.settings.directory
+        if directory is None:
+            return None
+        try:
+            index = VectorIndex.load(directory, self.settings.params)
+        except SnapshotError as exc:
+            level = logging.INFO if exc.code == "snapshot_missing" else logging.WARNING
+            log.log(level, "no usable index snapshot, rebuilding from the table: %s", exc)
+            return None
+        if index.highest_seq > high_water:
+            # A snapshot ahead of the database belongs to another file (or the file was
+            # restored from an older copy): its contents cannot be trusted.
+            log.warning(
+                "index snapshot is at seq %d but the database at %d; rebuilding",
+                index.highest_seq,
+                high_water,
+            )
+            return None
+        return index
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self, inbox: Inbox) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._searcher)
+            nursery.start_soon(self._follower)
+            nursery.start_soon(self._snapshotter)
+            async for request in inbox:
+                await self._dispatch(request, nursery)
+                # Take everything already queued in this same turn (no checkpoint): under
+                # load the whole crowd of callers lands in the next batch, not half of it.
+                for more in inbox.receive_nowait(self.settings.max_batch):
+                    await self._dispatch(more, nursery)
+            nursery.cancel_scope.cancel()
+
+    async def _dispatch(self, request: Request, nursery: trio.Nursery) -> None:
+        msg = request.msg
+        if isinstance(msg, Knn):
+            await self._queue_search(request, msg)
+        elif isinstance(msg, ChunksCommitted):
+            self.notices += 1
+            self._note_commit(msg.high_seq)
+            request.reply(None)
+        elif isinstance(msg, IndexStatus):
+            request.reply(self.info())
+        elif isinstance(msg, SaveSnapshot):
+            # In a task of its own: a large save must not stop the mailbox.
+            nursery.start_soon(self._answer_save, request)
+
+    async def _answer_save(self, request: Request) -> None:
+        await self._save_snapshot()
+        request.reply(self.info())
+
+    def info(self) -> IndexInfo:
+        """The current :class:`IndexInfo`."""
+        index = self._index
+        return IndexInfo(
+            count=len(index) if index is not None else 0,
+            highest_seq=index.highest_seq if index is not None else 0,
+            snapshot_seq=self._snapshot_seq,
+            changes_since_snapshot=self._changes_since_snapshot,
+            snapshots_saved=self.snapshots_saved,
+            loaded_snapshot=self.loaded_snapshot,
+            rebuilt=self.rebuilt,
+            searches=self.searches,
+            batches=self.batches,
+            catchups=self.catchups,
+            notices=self.notices,
+        )
+
+    # -- search ----------------------------------------------------------------------------
+
+    async def _queue_search(self, request: Request, msg: Knn) -> None:
+        index = self._live_index()
+        try:
+            # Validated here, in the caller's turn, so one bad query fails alone and never
+            # reaches the library (checks are pure functions of the params: microseconds).
+            vector = _checked_vector(msg.vector, index)
+            k = index.check_k(msg.k)
+            ef = index.check_ef(msg.ef)
+        except SymbioteError as exc:
+            request.fail(exc)
+            return
+        request.msg = Knn(vector=vector, k=k, ef=ef)
+        while len(self._pending) >= self.settings.max_pending:
+            # Backpressure: stop taking from the mailbox until a batch drains.
+            self._room = trio.Event()
+            await self._room.wait()
+        self._pending.append(request)
+        self._work.set()
+
+    async def _searcher(self) -> None:
+        while True:
+            if not self._pending:
+                self._work = trio.Event()
+                await self._work.wait()
+                continue
+            # Take what is queued without a checkpoint: requests queued while the last batch
+            # ran go into this one (the batch size follows the load, with no timer).
+            batch = self._pending[: self.settings.max_batch]
+            del self._pending[: self.settings.max_batch]
+            self._room.set()
+            live: list[Request] = []
+            for request in batch:
+                if request.abandoned:
+                    request.fail(DeadlineExceeded("the caller gave up before the search ran"))
+                else:
+                    live.append(request)
+            groups: dict[int, list[Request]] = {}
+            for request in live:
+                msg: Knn = request.msg
+                assert msg.ef is not None
+                # hnswlib searches with max(ef, k): grouping by that keeps a big over-fetch
+                # from dragging the small queries of its batch up to its ef.
+                groups.setdefault(max(msg.ef, msg.k), []).append(request)
+            for ef, group in groups.items():
+                await self._search_group(group, ef)
+
+    async def _search_group(self, group: list[Request], ef: int) -> None:
+        index = self._live_index()
+        k = max(r.msg.k for r in group)
+        queries = np.stack([r.msg.vector for r in group])
+        try:
+            res = await trio.to_thread.run_sync(
+                index.search, queries, k, ef, limiter=self._index_limiter
+            )
+        except SymbioteError as exc:
+            for request in group:
+                request.fail(exc)
+            return
+        self.batches += 1
+        self.searches += len(group)
+        doc_of = self._doc_of
+        count = len(index)
+        seq = index.highest_seq
+        for row, request in enumerate(group):
+            kk = request.msg.k
+            ids = [c for c in res.ids[row, :kk].tolist() if c is not None]
+            # Clamp float noise: a vector's distance to itself can come out as -2e-7.
+            dist = np.maximum(res.distances[row, : len(ids)], 0.0).tolist()
+            request.reply(
+                KnnHits(
+                    chunk_ids=ids,
+                    document_ids=[doc_of.get(c, "") for c in ids],
+                    distances=dist,
+                    count=count,
+                    highest_seq=seq,
+                )
+            )
+
+    # -- following the writer -------------------------------------------------------------
+
+    def _note_commit(self, high_seq: int) -> None:
+        if high_seq > self._target_seq:
+            self._target_seq = high_seq
+            self._wake.set()
+
+    async def _follower(self) -> None:
+        while True:
+            with trio.move_on_after(self.settings.poll_s):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            index = self._live_index()
+            if self._target_seq <= index.highest_seq:
+                # No notice (or only old ones): ask the table, in case a notice was dropped.
+                self._target_seq = max(self._target_seq, await self._run_db(self._high_water))
+            if self._target_seq > index.highest_seq:
+                await self._catch_up(progress=False)
+
+    async def _catch_up(self, *, progress: bool) -> None:
+        """Apply every committed change above ``highest_seq``, in bounded rounds."""
+        index = self._live_index()
+        started = time.monotonic()
+        last_log = started
+        done = 0
+        total: int | None = None
+        while True:
+            after = index.highest_seq
+            changes = await self._run_db(self._read_changes, after, self.settings.catchup_rows)
+            if changes.upto <= after:
+                break
+            if progress and total is None:
+                total = await self._run_db(self._count_changes, after)
+            async with self._mutation:
+                await trio.to_thread.run_sync(self._apply, changes, limiter=self._index_limiter)
+                # Counted under the lock, so a snapshot never misses a change it does not hold.
+                self._changes_since_snapshot += changes.size
+            self.catchups += 1
+            done += changes.size
+            self._target_seq = max(self._target_seq, changes.high_water)
+            now = time.monotonic()
+            if progress and now - last_log >= _PROGRESS_EVERY_S:
+                last_log = now
+                rate = done / max(now - started, 1e-9)
+                log.info(
+                    "index catch-up: %d of ~%d changes (%.0f/s), seq %d of %d",
+                    done,
+                    total or done,
+                    rate,
+                    index.highest_seq,
+                    changes.high_water,
+                )
+            if self._changes_since_snapshot >= self.settings.snapshot_every_changes:
+                await self._save_snapshot()
+            if changes.upto >= changes.high_water:
+                break
+        if progress and done:
+            log.info(
+                "index caught up: %d changes in %.2f s, seq %d",
+                done,
+                time.monotonic() - started,
+                index.highest_seq,
+            )
+
+    def _apply(self, changes: _Changes) -> None:
+        """Apply one round (worker thread, under the index limiter)."""
+        index = self._live_index()
+        # Within a round each id has at most one row in ``chunks`` (its latest version), and
+        # any tombstone of an id that still has a row is older than that row; so deletes
+        # first, then upserts, gives the same end state as replaying in seq order.
+        if changes.deleted:
+            index.delete(changes.deleted)
+            doc_of = self._doc_of
+            for cid in changes.deleted:
+                doc_of.pop(cid, None)
+        if changes.ids:
+            index.add(changes.ids, changes.vectors)
+            self._doc_of.update(zip(changes.ids, changes.documents, strict=True))
+        index.advance_seq(changes.upto)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    async def _snapshotter(self) -> None:
+        while True:
+            await trio.sleep(self.settings.snapshot_interval_s)
+            if self._changes_since_snapshot:
+                await self._save_snapshot()
+
+    async def _save_snapshot(self) -> None:
+        directory = self.settings.directory
+        index = self._index
+        if directory is None or index is None:
+            return
+        async with self._mutation:
+            if self._snapshot_seq == index.highest_seq and not self._changes_since_snapshot:
+                return
+            started = time.monotonic()
+            # No index limiter: a save only reads the index, and searches may run beside it;
+            # the mutation lock keeps changes out until it is done.
+            await trio.to_thread.run_sync(index.save, directory)
+            self._snapshot_seq = index.highest_seq
+            self._changes_since_snapshot = 0
+            self._last_snapshot_at = time.monotonic()
+            self.snapshots_saved += 1
+            log.info(
+                "index snapshot saved: %d vectors, seq %d, %.2f s",
+                len(index),
+                index.highest_seq,
+                self._last_snapshot_at - started,
+            )
+
+    # -- DuckDB (worker threads, our own connection) ---------------------------------------
+
+    async def _run_db(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._con_limiter)
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        assert self._con is not None, "index used before on_start"
+        return self._con
+
+    def _high_water(self) -> int:
+        row = (
+            self._connection()
+            .execute("SELECT value FROM symbiote_meta WHERE key = ?", [META_CHUNK_SEQ])
+            .fetchone()
+        )
+        return int(row[0]) if row else 0
+
+    def _read_document_map(self) -> dict[str, str]:
+        table = (
+            self._connection().execute("SELECT chunk_id, document_id FROM chunks").to_arrow_table()
+        )
+        return dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+
+    def _count_changes(self, after: int) -> int:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT (SELECT count(*) FROM chunks WHERE seq > $a)"
+                " + (SELECT count(*) FROM chunk_deletes WHERE seq > $a)",
+                {"a": after},
+            )
+            .fetchone()
+        )
+        return int(row[0]) if row else 0
+
+    def _read_changes(self, after: int, limit: int) -> _Changes:
+        """Changes with ``seq > after``, at most ``limit`` of them, from one consistent read."""
+        con = self._connection()
+        dim = self.settings.params.dim
+        con.execute("BEGIN TRANSACTION")
+        try:
+            high_water = self._high_water()
+            upto = high_water
+            ids: list[str] = []
+            documents: list[str] = []
+            vectors = np.empty((0, dim), dtype=np.float32)
+            deleted: list[str] = []
+            if high_water > after:
+                # Bound the round by the limit-th event (row or tombstone) after ``after``;
+                # only the seq columns are sorted, never the embeddings.
+                row = con.execute(
+                    "SELECT seq FROM (SELECT seq FROM chunks WHERE seq > $a AND seq <= $h"
+                    " UNION ALL SELECT seq FROM chunk_deletes WHERE seq > $a AND seq <= $h)"
+                    " ORDER BY seq LIMIT 1 OFFSET $n",
+                    {"a": after, "h": high_water, "n": limit - 1},
+                ).fetchone()
+                if row is not None:
+                    upto = int(row[0])
+                table = con.execute(
+                    "SELECT chunk_id, document_id, embedding FROM chunks"
+                    " WHERE seq > $a AND seq <= $u",
+                    {"a": after, "u": upto},
+                ).to_arrow_table()
+                ids = table.column(0).to_pylist()
+                documents = table.column(1).to_pylist()
+                vectors = _arrow_matrix(table.column(2), dim)
+                deleted = [
+                    r[0]
+                    for r in con.execute(
+                        "SELECT chunk_id FROM chunk_deletes WHERE seq > $a AND seq <= $u",
+                        {"a": after, "u": upto},
+                    ).fetchall()
+                ]
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            raise
+        return _Changes(
+            after=after,
+            upto=max(upto, after),
+            high_water=high_water,
+            ids=ids,
+            documents=documents,
+            vectors=vectors,
+            deleted=deleted,
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _live_index(self) -> VectorIndex:
+        assert self._index is not None, "index used before on_start"
+        return self._index
+
+
+def _checked_vector(vector: object, index: VectorIndex) -> np.ndarray:
+    """One query vector, checked; a float32 ``(dim,)`` array (what the planner sends) costs
+    one dot product, anything else goes through the full :meth:`VectorIndex.check_vectors`."""
+    dim = index.params.dim
+    if (
+        type(vector) is np.ndarray
+        and vector.dtype == np.float32
+        and vector.shape == (dim,)
+        and index.params.metric == "cosine"
+    ):
+        norm2 = float(np.dot(vector, vector))
+        # NaN/inf make the dot product NaN/inf; only the zero vector gives 0, which has no
+        # direction under cosine.
+        if math.isfinite(norm2) and norm2 > 0 and vector.flags.c_contiguous:
+            return vector
+    vectors = index.check_vectors(vector, field="vector")
+    if len(vectors) != 1:
+        raise InvalidRecord("expected exactly one query vector", field="vector")
+    out: np.ndarray = vectors[0]
+    return out
+
+
+def _close_quietly(con: duckdb.DuckDBPyConnection) -> None:
+    # After a writer crash the instance may be closed already; there is nothing left to free.
+    try:
+        con.close()
+    except duckdb.Error as exc:
+        log.debug("index connection close: %s", exc)
+
+
+def default_index_dir(db_path: str) -> str | None:
+    """Where snapshots go for ``db_path``: ``<db_path>.index``; None for ``:memory:``."""
+    if db_path == ":memory:" or db_path.startswith(":memory:"):
+        return None
+    return str(Path(db_path).with_name(Path(db_path).name + ".index"))
