@@ -197,8 +197,6 @@ class Index(Actor):
         self._con: duckdb.DuckDBPyConnection | None = None
         self._con_limiter = trio.CapacityLimiter(1)
         self._index_limiter = trio.CapacityLimiter(1)
-        # The last searched group, answered while the next one searches (see _search_group).
-        self._unanswered: tuple[list[Request], Any, int, int] | None = None
         # Mutations and snapshot saves exclude each other; searches only need the limiter.
         self._mutation = trio.Lock()
         self._index: VectorIndex | None = None
@@ -373,52 +371,24 @@ class Index(Actor):
                 groups.setdefault(max(msg.ef, msg.k), []).append(request)
             for ef, group in groups.items():
                 await self._search_group(group, ef)
-            if not self._pending:
-                self._flush_replies()
 
     async def _search_group(self, group: list[Request], ef: int) -> None:
-        """Search ``group`` in a worker thread; answer the previous group meanwhile.
-
-        The answers of a batch (building the hit lists, waking 64 callers) cost about as much
-        trio-thread time as the library call itself. Done after the call, they leave the
-        worker idle; done while the next batch searches, they overlap it, which is what keeps
-        64 callers close to the raw batch call's throughput.
-        """
         index = self._live_index()
         k = max(r.msg.k for r in group)
         queries = np.stack([r.msg.vector for r in group])
-        token = trio.lowlevel.current_trio_token()
-        finished = trio.Event()
-        box: list[Any] = []
-
-        def deliver(result: Any) -> None:
-            box.append(result)
-            token.run_sync_soon(finished.set)
-
-        async with self._index_limiter:
-            trio.lowlevel.start_thread_soon(lambda: index.search(queries, k, ef), deliver)
-            self._flush_replies()
-            # Shielded: the limiter must stay held until the library call has returned, or a
-            # write could start on the index under a running search.
-            with trio.CancelScope(shield=True):
-                await finished.wait()
         try:
-            res = box[0].unwrap()
+            res = await trio.to_thread.run_sync(
+                index.search, queries, k, ef, limiter=self._index_limiter
+            )
         except SymbioteError as exc:
             for request in group:
                 request.fail(exc)
             return
         self.batches += 1
         self.searches += len(group)
-        self._unanswered = (group, res, len(index), index.highest_seq)
-
-    def _flush_replies(self) -> None:
-        """Answer the last searched group, if it is still unanswered."""
-        if self._unanswered is None:
-            return
-        group, res, count, seq = self._unanswered
-        self._unanswered = None
         doc_of = self._doc_of
+        count = len(index)
+        seq = index.highest_seq
         for row, request in enumerate(group):
             kk = request.msg.k
             ids = [c for c in res.ids[row, :kk].tolist() if c is not None]
