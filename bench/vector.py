@@ -523,8 +523,11 @@ def run_chosen(
     fig |= measure_setting(
         index, params.ef_search, queries, truth, row_of, n_single=500, n_64=64 * 60
     )
-    runtime_1 = measure_runtime_search(tmp, base, ids, queries, 1, 500, params.ef_search)
-    runtime_64 = measure_runtime_search(tmp, base, ids, queries, 64, 64 * 60, params.ef_search)
+    # One database per size: a later size must not reuse (and skip loading) an earlier file.
+    db_dir = tmp / f"runtime-{n}"
+    db_dir.mkdir(exist_ok=True)
+    runtime_1 = measure_runtime_search(db_dir, base, ids, queries, 1, 500, params.ef_search)
+    runtime_64 = measure_runtime_search(db_dir, base, ids, queries, 64, 64 * 60, params.ef_search)
     fig["search_path"] = "standin"
     if runtime_1 is not None and runtime_64 is not None:
         fig |= {
@@ -539,7 +542,7 @@ def run_chosen(
             "standin_p99_ms_1": fig["p99_ms_1"],
         }
     fig["ratio_vs_raw_batch"] = fig["qps_64"] / fig["raw_batch_qps"]
-    fig |= measure_freshness(tmp)
+    fig |= measure_freshness(db_dir)
     fig["exact_truth_s"] = gt.seconds
     del index
     if anchors:
@@ -669,11 +672,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="20,000 vectors, chosen setting only")
     ap.add_argument("--compare", action="store_true", help="hnswlib vs usearch at 20,000")
     ap.add_argument("--n", type=int, default=None, help="override the vector count")
+    ap.add_argument(
+        "--chosen-only",
+        action="store_true",
+        help="full mode without the sweep: the chosen setting at --n (default 1,000,000)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="symbiote-bench-vector-"))
     figures: dict[str, Any] = {
-        "mode": "quick" if args.quick else "compare" if args.compare else "full",
+        "mode": "quick"
+        if args.quick
+        else "compare"
+        if args.compare
+        else "chosen"
+        if args.chosen_only
+        else "full",
         "cpus": os.cpu_count(),
     }
     t0 = time.perf_counter()
@@ -697,6 +711,13 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
             print_table([fig], ANCHOR_COLUMNS, title="anchors (same run)")
+            figures |= fig
+        elif args.chosen_only:
+            n = args.n or 1_000_000
+            # The anchors (LanceDB flat, DuckDB vss) are affordable up to 100,000 vectors.
+            fig = run_chosen(n, CHOSEN, tmp, anchors=n <= 100_000, n_queries=1000)
+            columns = MAIN_COLUMNS + ANCHOR_COLUMNS if n <= 100_000 else MAIN_COLUMNS
+            print_table([fig], columns, title=f"chosen setting at {n:,}")
             figures |= fig
         else:
             rows = sweep(args.n or 100_000, tmp)
