@@ -44,10 +44,11 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote
@@ -56,10 +57,14 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
+from symbiote.schema.ddl import PARTITION_DDL
 from symbiote.schema.errors import BadArgument, NotFound, PeriodOpen, QueryError
+from symbiote.schema.records import CORRECTABLE_MESSAGE_FIELDS
 
 __all__ = [
     "BOOKKEEPING_DDL",
+    "CORRECTABLE",
+    "ArchiveFence",
     "DropResult",
     "MoveResult",
     "PartitionSpec",
@@ -72,6 +77,7 @@ __all__ = [
     "drop_period",
     "ensure_partitioning",
     "list_periods",
+    "locate_archived",
     "movable_periods",
     "rebuild_view",
     "recover",
@@ -85,32 +91,8 @@ _GEN_DIR: Final = re.compile(r"^gen=(\d{1,9})$")
 _UTC: Final = _dt.UTC
 
 #: Bookkeeping tables, shared by every partitioned relation of the file (keyed by relation).
-BOOKKEEPING_DDL: Final = (
-    # The manifest: which generation of each archived month the view reads.
-    """CREATE TABLE IF NOT EXISTS symbiote_partitions (
-        relation   VARCHAR NOT NULL,
-        period     VARCHAR NOT NULL,
-        gen        INTEGER NOT NULL,
-        rows       BIGINT NOT NULL,
-        updated_at TIMESTAMPTZ NOT NULL,
-        PRIMARY KEY (relation, period)
-    )""",
-    # The journal: a row here means a move or rewrite started and has not committed.
-    """CREATE TABLE IF NOT EXISTS symbiote_partition_jobs (
-        relation   VARCHAR NOT NULL,
-        period     VARCHAR NOT NULL,
-        kind       VARCHAR NOT NULL,
-        temp_dir   VARCHAR NOT NULL,
-        final_dir  VARCHAR NOT NULL,
-        started_at TIMESTAMPTZ NOT NULL,
-        PRIMARY KEY (relation, period)
-    )""",
-    # Directories no longer referenced by any view, deleted after not_before.
-    """CREATE TABLE IF NOT EXISTS symbiote_partition_garbage (
-        path       VARCHAR PRIMARY KEY,
-        not_before TIMESTAMPTZ NOT NULL
-    )""",
-)
+#: The text lives in :mod:`symbiote.schema.ddl` (migration 3 creates them); one source of truth.
+BOOKKEEPING_DDL: Final = PARTITION_DDL
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +144,47 @@ class Period:
         return f"{self.year:04d}-{self.month:02d}"
 
 
+class ArchiveFence:
+    """An upper bound on the end of the newest archived month, shared in one process.
+
+    The writer must not look at the archive on every group (a query costs a few hundred
+    microseconds of a commit of a few milliseconds), only when a group holds rows of a month
+    that may be archived. This fence tells it which: a move raises it to the month's end
+    *before* its transaction commits, so any writer transaction that can see the move's
+    commit reads a fence at least that high (the writer reads it after its first statement,
+    when its snapshot is fixed). It never goes down: a rolled-back move or a dropped month
+    only costs the writer an unneeded check. Reads and writes of one attribute are atomic
+    under the GIL; the lock only orders the compare-and-raise.
+    """
+
+    __slots__ = ("_end", "_lock")
+
+    def __init__(self) -> None:
+        self._end: _dt.datetime | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def end(self) -> _dt.datetime | None:
+        """No row at or after this instant is archived (None: nothing is archived)."""
+        return self._end
+
+    def raise_to(self, end: _dt.datetime) -> None:
+        """Make sure the fence is at least ``end``."""
+        with self._lock:
+            if self._end is None or end > self._end:
+                self._end = end
+
+    def load(self, con: duckdb.DuckDBPyConnection, spec: PartitionSpec) -> None:
+        """Raise the fence to the newest month in the manifest (at start, before any write)."""
+        newest = _one(
+            con,
+            "SELECT max(period) FROM symbiote_partitions WHERE relation = ?",
+            [spec.view],
+        )
+        if newest is not None:
+            self.raise_to(Period.parse(newest).end)
+
+
 @dataclass(frozen=True, slots=True)
 class PartitionSpec:
     """Where one partitioned relation lives and the rules of its maintenance.
@@ -187,6 +210,8 @@ class PartitionSpec:
     #: pays to list and bind each file: with many small tenants that cost grows with history
     #: (docs/partitioning.md), so the default is one file per month.
     tenant_dirs: bool = False
+    #: Shared with the writer of the same process; see :class:`ArchiveFence`.
+    fence: ArchiveFence = field(default_factory=ArchiveFence, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("hot_table", "view", "ts_column", "tenant_column", "key_column"):
@@ -368,6 +393,7 @@ def ensure_partitioning(con: duckdb.DuckDBPyConnection, spec: PartitionSpec) -> 
         _rollback(con)
         raise
     rolled_back = recover(con, spec)
+    spec.fence.load(con, spec)
     con.execute("BEGIN TRANSACTION")
     try:
         rebuild_view(con, spec)
@@ -467,6 +493,9 @@ def _run_job(
     old_dir = spec.gen_dir(period, old[0]) if old is not None else None
     temp = spec.archive_dir / ".tmp" / f"{period}-{uuid.uuid4().hex[:12]}"
     final = spec.gen_dir(period, gen)
+    # Before anything can commit: the writer checks incoming rows of this month against the
+    # archive from now on (see ArchiveFence).
+    spec.fence.raise_to(period.end)
     # 1. The journal row, committed on its own: from here on a crash is rolled back by recover.
     try:
         con.execute(
@@ -751,7 +780,10 @@ def drop_period(
     tenants: dict[str, Path | None] = {}
     if archived is not None:
         tenants = _archived_tenants(con, spec, p, archived[0])
-    if hot == 0 and archived is None:
+    # "The month has no rows" is about the month, whatever the tenant: an unknown tenant of
+    # a month that still has hot rows is a NotFound on ``tenant``, not on ``period``.
+    month_hot = hot if tenant is None or hot else _hot_count(con, spec, p)
+    if month_hot == 0 and archived is None:
         raise NotFound(f"no rows in {p}", field="period")
     if tenant is not None and hot == 0 and tenant not in tenants:
         raise NotFound(f"tenant {tenant!r} has no rows in {p}", field="tenant")
@@ -822,9 +854,7 @@ def drop_period(
 
 
 #: Columns a correction may change (the key, the time and the tenant place the row).
-CORRECTABLE: Final = frozenset(
-    {"text", "media_url", "media_type", "attrs", "pii_flags", "author_raw", "created_by_run"}
-)
+CORRECTABLE: Final = CORRECTABLE_MESSAGE_FIELDS
 
 
 def correct_archived(
@@ -960,6 +990,33 @@ def list_periods(con: duckdb.DuckDBPyConnection, spec: PartitionSpec) -> list[Pe
         )
         for p in sorted(set(hot) | set(manifest))
     ]
+
+
+def locate_archived(
+    con: duckdb.DuckDBPyConnection, spec: PartitionSpec, key: str
+) -> tuple[Period, str] | None:
+    """The archived month and tenant of the row with ``key``, or None if no month holds it.
+
+    Scans the key column of every archived generation (the files are sorted by tenant and
+    time, not by key): fine for a correction, which is rare; never on the ingest path.
+    """
+    manifest = _manifest(con, spec)
+    if not manifest:
+        return None
+    globs = [_period_glob(spec, p, g) for p, (g, _) in manifest.items()]
+    kq, tq, ts = _q(spec.key_column), _q(spec.tenant_column), _q(spec.ts_column)
+    try:
+        # The month as text in SQL: fetching a TIMESTAMPTZ into Python would need pytz.
+        row = con.execute(
+            f"SELECT strftime({ts} AT TIME ZONE 'UTC', '%Y-%m'), {tq}"
+            f" FROM {_parquet_source(spec, globs)} WHERE {kq} = ? LIMIT 1",
+            [key],
+        ).fetchone()
+    except duckdb.Error as exc:
+        raise QueryError(str(exc), field="archive") from exc
+    if row is None:
+        return None
+    return Period.parse(row[0]), str(row[1])
 
 
 def archived_duplicates(

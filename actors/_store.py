@@ -26,7 +26,9 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from symbiote.actors._partition import PartitionSpec, archived_duplicates
 from symbiote.schema.ddl import META_CHUNK_SEQ, read_meta
 from symbiote.schema.errors import (
     Failure,
@@ -40,6 +42,7 @@ from symbiote.schema.errors import (
 from symbiote.schema.messages import (
     ChunkChange,
     ChunksCommitted,
+    CorrectMessage,
     DeleteChunks,
     IngestMessages,
     UpsertChunks,
@@ -55,6 +58,7 @@ from symbiote.schema.records import (
     Message,
     validate_chunks,
     validate_documents,
+    validate_message_changes,
     validate_messages,
 )
 
@@ -88,18 +92,30 @@ class StoreState:
     :func:`apply_batch` advances ``high_seq``, and only after a COMMIT returned.
     """
 
-    __slots__ = ("careful_groups", "high_seq", "limits")
+    __slots__ = ("careful_groups", "high_seq", "limits", "partition")
 
-    def __init__(self, limits: Limits, high_seq: int = 0) -> None:
+    def __init__(
+        self, limits: Limits, high_seq: int = 0, partition: PartitionSpec | None = None
+    ) -> None:
         self.limits = limits
         self.high_seq = high_seq
+        #: The hot/cold layout of messages, if archived months may exist (docs/partitioning.md):
+        #: its fence tells which incoming rows must be checked against the archive.
+        self.partition = partition
         # Groups left to write messages with ON CONFLICT after a duplicate was met (retries
         # come in bursts after a crash); 0 means the optimistic plain INSERT.
         self.careful_groups = 0
 
     @classmethod
-    def load(cls, con: duckdb.DuckDBPyConnection, limits: Limits) -> StoreState:
-        """Read the sequence high-water mark from the database."""
+    def load(
+        cls,
+        con: duckdb.DuckDBPyConnection,
+        limits: Limits,
+        partition: PartitionSpec | None = None,
+    ) -> StoreState:
+        """Read the sequence high-water mark (and the newest archived month) from the database."""
+        if partition is not None:
+            partition.fence.load(con, partition)
         stored = int(read_meta(con, META_CHUNK_SEQ) or 0)
         # The meta row is written in the same transaction as the rows, so it cannot lag; the
         # max over the tables is a belt-and-braces guard for files edited by hand.
@@ -107,7 +123,7 @@ class StoreState:
             "SELECT greatest((SELECT coalesce(max(seq), 0) FROM chunks),"
             " (SELECT coalesce(max(seq), 0) FROM chunk_deletes))"
         ).fetchone()
-        return cls(limits, max(stored, int(row[0]) if row else 0))
+        return cls(limits, max(stored, int(row[0]) if row else 0), partition)
 
 
 class BatchResult(msgspec.Struct, kw_only=True):
@@ -134,7 +150,7 @@ class BatchResult(msgspec.Struct, kw_only=True):
 # --------------------------------------------------------------------------------------------
 # preparation: per-request validation and JSON encoding (so errors carry the request's paths)
 
-_Kind = Literal["messages", "documents", "chunks", "delete"]
+_Kind = Literal["messages", "documents", "chunks", "delete", "correct"]
 
 
 @dataclass(slots=True)
@@ -150,14 +166,20 @@ class _Prepared:
     json_a: list[bytes | None] = field(default_factory=list)
     json_b: list[bytes | None] = field(default_factory=list)
     matrix: npt.NDArray[np.float32] | None = None
+    # A correction: the message's key and its new column values (JSON already encoded).
+    event_id: str = ""
+    changes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def root(self) -> str:
-        return "chunk_ids" if self.kind == "delete" else self.kind
+        if self.kind == "delete":
+            return "chunk_ids"
+        return "changes" if self.kind == "correct" else self.kind
 
     @property
     def size(self) -> int:
-        return len(self.messages) + len(self.documents) + len(self.chunks) + len(self.ids)
+        n = len(self.messages) + len(self.documents) + len(self.chunks) + len(self.ids)
+        return n + (self.kind == "correct")
 
 
 def _encode_json(values: Iterable[Any], cap: int, path: str, name: str) -> list[bytes | None]:
@@ -176,6 +198,16 @@ def _encode_json(values: Iterable[Any], cap: int, path: str, name: str) -> list[
             raise TooLarge(f"JSON larger than {cap} bytes", field=f"{path}[{i}].{name}")
         append(raw)
     return out
+
+
+def _encode_one_json(value: Any, cap: int, path: str) -> str:
+    try:
+        raw = _json_encoder.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRecord(f"not JSON-encodable: {exc}", field=path) from None
+    if len(raw) > cap:
+        raise TooLarge(f"JSON larger than {cap} bytes", field=path)
+    return raw.decode()
 
 
 def prepare_request(
@@ -223,6 +255,14 @@ def prepare_request(
             ),
             matrix=matrix,
         )
+    if isinstance(request, CorrectMessage):
+        validate_message_changes(request.event_id, request.changes, limits)
+        changes: dict[str, Any] = {}
+        for name, value in request.changes.items():
+            if name in ("attrs", "pii_flags") and value is not None:
+                value = _encode_one_json(value, limits.max_json_bytes, f"changes.{name}")
+            changes[name] = value
+        return _Prepared(index, "correct", event_id=request.event_id, changes=changes)
     if isinstance(request, DeleteChunks):
         ids = request.chunk_ids
         if len(ids) > limits.max_rows_per_request:
@@ -329,10 +369,10 @@ def _insert_all_new(con: duckdb.DuckDBPyConnection, table: pa.Table) -> bool:
     try:
         _insert_arrow(
             con,
-            "INSERT INTO messages",
+            "INSERT INTO messages_hot",
             "_symbiote_messages",
             table,
-            "INSERT INTO messages BY NAME SELECT * FROM _symbiote_messages",
+            "INSERT INTO messages_hot BY NAME SELECT * FROM _symbiote_messages",
         )
     except _StatementError as exc:
         if not isinstance(exc.cause, duckdb.ConstraintException):
@@ -341,6 +381,44 @@ def _insert_all_new(con: duckdb.DuckDBPyConnection, table: pa.Table) -> bool:
         _exec(con, "BEGIN", "BEGIN TRANSACTION")
         return False
     return True
+
+
+def _drop_archived_repeats(
+    con: duckdb.DuckDBPyConnection, spec: PartitionSpec, table: pa.Table, inserted: set[str]
+) -> set[str]:
+    """Undo the insert of rows an archived month already holds; return their keys.
+
+    The hot table's unique index covers hot rows only, so a retry of a message whose month
+    was moved to Parquet went in as new. Runs after the INSERT, inside its transaction: the
+    transaction's snapshot is fixed by then, so the fence read now covers every move that
+    snapshot can see (:class:`~symbiote.actors._partition.ArchiveFence`). In real-time
+    ingest every row is newer than the fence and this costs one Arrow ``min``, no query.
+    """
+    fence = spec.fence.end
+    if fence is None or not inserted:
+        return set()
+    ts = table.column("ts")
+    if pc.min(ts).as_py() >= fence:
+        return set()
+    old = table.filter(pc.less(ts, pa.scalar(fence, _TS)))
+    old = old.filter(pc.is_in(old.column("event_id"), pa.array(sorted(inserted), _STR)))
+    if old.num_rows == 0:
+        return set()
+    # If the archive cannot be read this raises QueryError(field="archive"): the request
+    # fails (alone, after bisection) rather than risk a message seen twice.
+    repeats = archived_duplicates(
+        con, spec, old.select([spec.key_column, spec.ts_column, spec.tenant_column])
+    )
+    if repeats:
+        _insert_arrow(
+            con,
+            "DELETE FROM messages_hot",
+            "_symbiote_repeats",
+            pa.table({"event_id": pa.array(sorted(repeats), _STR)}),
+            "DELETE FROM messages_hot WHERE event_id IN (SELECT event_id FROM _symbiote_repeats)",
+        )
+        log.info("skipped %d retries of archived messages", len(repeats))
+    return repeats
 
 
 def _write_messages(
@@ -389,13 +467,15 @@ def _write_messages(
         )
         rows = _insert_arrow(
             con,
-            "INSERT INTO messages",
+            "INSERT INTO messages_hot",
             "_symbiote_messages",
             table,
-            "INSERT INTO messages BY NAME SELECT * FROM _symbiote_messages"
+            "INSERT INTO messages_hot BY NAME SELECT * FROM _symbiote_messages"
             " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
         )
         inserted = {r[0] for r in rows}
+    if state.partition is not None:
+        inserted -= _drop_archived_repeats(con, state.partition, table, inserted)
     acks: dict[int, WriteAck] = {}
     credited: set[str] = set()
     for p in preps:
@@ -457,6 +537,24 @@ def _write_documents(con: duckdb.DuckDBPyConnection, preps: list[_Prepared]) -> 
         n = len(p.documents)
         distinct = len({d.id for d in p.documents})
         acks[p.index] = WriteAck(written=distinct, duplicates=n - distinct)
+    return acks
+
+
+def _correct_messages(
+    con: duckdb.DuckDBPyConnection, preps: list[_Prepared]
+) -> dict[int, WriteAck]:
+    """Apply corrections to hot rows, in request order; ``written=0`` when no hot row matched."""
+    acks: dict[int, WriteAck] = {}
+    for p in preps:
+        names = sorted(p.changes)
+        sets = ", ".join(f'"{n}" = ?' for n in names)  # names checked against a fixed set
+        rows = _exec(
+            con,
+            "UPDATE messages_hot",
+            f"UPDATE messages_hot SET {sets} WHERE event_id = ? RETURNING event_id",
+            [*(p.changes[n] for n in names), p.event_id],
+        ).fetchall()
+        acks[p.index] = WriteAck(written=len(rows))
     return acks
 
 
@@ -595,11 +693,16 @@ def _attempt(
     msg_preps = [p for p in preps if p.kind == "messages"]
     doc_preps = [p for p in preps if p.kind == "documents"]
     chunk_preps = [p for p in preps if p.kind in ("chunks", "delete")]
+    fix_preps = [p for p in preps if p.kind == "correct"]
     _exec(con, "BEGIN", "BEGIN TRANSACTION")
     try:
         if msg_preps:
             # Messages first: _insert_all_new may restart the transaction.
             acks.update(_write_messages(con, msg_preps, now, state))
+        if fix_preps:
+            # After the group's inserts: a correction queued with the ingest of its message
+            # finds the row (the reverse order would only have answered "not found").
+            acks.update(_correct_messages(con, fix_preps))
         if doc_preps:
             acks.update(_write_documents(con, doc_preps))
         if chunk_preps:
@@ -736,10 +839,14 @@ def apply_batch(
     are merged column-wise into one Arrow table per target table and written in one
     transaction:
 
-    * messages: ``INSERT ... ON CONFLICT (event_id) DO NOTHING``; a repeat is counted as a
+    * messages: appended to ``messages_hot`` (``INSERT``, or ``ON CONFLICT (event_id) DO
+      NOTHING`` after a repeat was met), and a retry of a message already archived to Parquet
+      is taken out again in the same transaction; a repeat is counted as a
       duplicate, not an error (idempotent retries);
     * documents and chunks: insert-or-replace on their key, the last version in the group wins;
-      every chunk written gets a fresh ``seq``, every existing chunk deleted a tombstone.
+      every chunk written gets a fresh ``seq``, every existing chunk deleted a tombstone;
+    * corrections (:class:`CorrectMessage`): an ``UPDATE`` of the hot row, after the group's
+      inserts; ``written=0`` when the message is not in the hot table.
 
     If the transaction fails it is rolled back and the group bisected until the failing
     request is alone; it then gets a typed failure (``WriteConflict`` for constraint and

@@ -39,12 +39,13 @@ from symbiote.actors._partition import (
     drop_period,
     ensure_partitioning,
     list_periods,
+    locate_archived,
     movable_periods,
 )
 from symbiote.actors._threads import run_in_db_thread
 from symbiote.actors.database import Database
 from symbiote.runtime import Actor, Inbox
-from symbiote.schema.errors import BadArgument, SymbioteError
+from symbiote.schema.errors import BadArgument, NotFound, SymbioteError, WriteConflict
 
 __all__ = [
     "CorrectArchived",
@@ -53,6 +54,7 @@ __all__ = [
     "Maintenance",
     "MaintenanceReport",
     "MaintenanceSettings",
+    "MessageCorrected",
     "MovePeriod",
     "RunMaintenance",
 ]
@@ -65,6 +67,9 @@ class MaintenanceSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     #: Seconds between rounds (a round also runs on :class:`RunMaintenance`).
     interval_s: float = 3_600.0
+    #: Seconds from start to the first round (None: ``interval_s``). Shorter than the
+    #: interval so that a process restarted more often than ``interval_s`` still moves.
+    first_round_s: float | None = None
     #: The newest months kept in the hot table (the current one is always hot).
     keep_hot: int = 1
     #: Months moved per round at most: bounds a round's duration after a long downtime.
@@ -77,6 +82,11 @@ class MaintenanceSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise BadArgument("must be a finite number of seconds", field="interval_s")
         if self.interval_s <= 0:
             raise BadArgument("must be positive", field="interval_s")
+        first = self.first_round_s
+        if first is not None and not (
+            isinstance(first, int | float) and math.isfinite(first) and first >= 0
+        ):
+            raise BadArgument("must be a finite number of seconds >= 0", field="first_round_s")
         if self.keep_hot < 0 or self.max_moves_per_round < 1:
             raise BadArgument("keep_hot >= 0 and max_moves_per_round >= 1", field="keep_hot")
         if self.retain_months is not None and self.retain_months <= self.keep_hot:
@@ -102,12 +112,23 @@ class DropPeriod(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CorrectArchived(msgspec.Struct, frozen=True, kw_only=True):
-    """Change columns of one archived message; answered with the rows changed (1)."""
+    """Change columns of one archived message; answered with a :class:`MessageCorrected`.
+
+    Without ``period`` and ``tenant`` the actor finds the message in the archive itself.
+    """
 
     event_id: str
-    period: str
-    tenant: str
     changes: dict[str, Any]
+    period: str | None = None
+    tenant: str | None = None
+
+
+class MessageCorrected(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a correction was applied: the hot table (``period`` None) or an archived month."""
+
+    event_id: str
+    archived: bool
+    period: str | None = None
 
 
 class ListPeriods(msgspec.Struct, frozen=True):
@@ -167,7 +188,8 @@ class Maintenance(Actor):
 
     async def run(self, inbox: Inbox) -> None:
         # A deadline, not an idle timeout: a steady stream of requests must not starve rounds.
-        next_round = trio.current_time() + self.settings.interval_s
+        first = self.settings.first_round_s
+        next_round = trio.current_time() + (self.settings.interval_s if first is None else first)
         while True:
             request = None
             with trio.move_on_at(next_round):
@@ -200,17 +222,7 @@ class Maintenance(Actor):
                 )
             )
         if isinstance(msg, CorrectArchived):
-            return await self._db(
-                lambda: correct_archived(
-                    con,
-                    self.spec,
-                    msg.event_id,
-                    msg.changes,
-                    period=msg.period,
-                    tenant=msg.tenant,
-                    now=now,
-                )
-            )
+            return await self._db(lambda: self._correct(con, msg, now))
         if isinstance(msg, ListPeriods):
             return await self._db(lambda: list_periods(con, self.spec))
         return await super().handle(msg)
@@ -219,8 +231,27 @@ class Maintenance(Actor):
         assert self._con is not None, "maintenance used before on_start"
         return self._con
 
+    def _correct(
+        self, con: duckdb.DuckDBPyConnection, msg: CorrectArchived, now: _dt.datetime
+    ) -> MessageCorrected:
+        period, tenant = msg.period, msg.tenant
+        if period is None or tenant is None:
+            found = locate_archived(con, self.spec, msg.event_id)
+            if found is None:
+                raise NotFound(f"no message {msg.event_id!r:.60}", field="event_id")
+            period, tenant = str(found[0]), found[1]
+        correct_archived(
+            con, self.spec, msg.event_id, msg.changes, period=period, tenant=tenant, now=now
+        )
+        return MessageCorrected(event_id=msg.event_id, archived=True, period=str(period))
+
     async def _db(self, work: Any) -> Any:
-        return await run_in_db_thread(work, limiter=self._limiter)
+        try:
+            return await run_in_db_thread(work, limiter=self._limiter)
+        except (duckdb.TransactionException, duckdb.ConstraintException) as exc:
+            # A write of the writer met the same rows (e.g. a correction of a message being
+            # moved). The job rolled back as a whole; the caller, or the next round, retries.
+            raise WriteConflict(str(exc), field="period") from None
 
     async def _round(self) -> MaintenanceReport:
         """One bounded round: moves, retention, garbage; each step its own thread call."""
@@ -245,7 +276,10 @@ class Maintenance(Actor):
                 oldest_kept = oldest_kept.prev()
             infos: list[PeriodInfo] = await self._db(lambda: list_periods(con, self.spec))
             for info in infos:
-                if Period.parse(info.period) < oldest_kept:
+                p = Period.parse(info.period)
+                # A month inside its grace period is refused by drop_period; leave it for a
+                # later round rather than abort this one (and its garbage collection).
+                if p < oldest_kept and p.end + self.spec.grace <= now:
                     dropped.append(
                         await self._db(
                             lambda i=info: drop_period(con, self.spec, i.period, now=now)

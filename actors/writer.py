@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import trio
 
+from symbiote.actors._partition import PartitionSpec
 from symbiote.actors._store import BatchResult, StoreState, apply_batch
 from symbiote.actors._threads import run_in_db_thread
 from symbiote.actors.database import Database
@@ -34,6 +35,7 @@ from symbiote.schema.errors import (
 )
 from symbiote.schema.messages import (
     ChunksCommitted,
+    CorrectMessage,
     DeleteChunks,
     IngestMessages,
     UpsertChunks,
@@ -66,7 +68,7 @@ def request_rows(msg: Any) -> int:
 class Writer(Actor):
     """Group-committing owner of the database; see the module docstring."""
 
-    accepts = (IngestMessages, UpsertDocuments, UpsertChunks, DeleteChunks)
+    accepts = (IngestMessages, UpsertDocuments, UpsertChunks, DeleteChunks, CorrectMessage)
 
     def __init__(
         self,
@@ -76,8 +78,12 @@ class Writer(Actor):
         max_batch_rows: int = 50_000,
         batch_window_s: float = 0.0,
         subscribers: Callable[[], Sequence[ActorRef]] = tuple,
+        partition: PartitionSpec | None = None,
     ) -> None:
         self.db = db
+        #: The messages layout shared with the maintenance actor (its fence says which
+        #: incoming rows must be checked against archived months).
+        self.partition = partition
         self.limits = limits
         self.max_batch_rows = max_batch_rows
         self.batch_window_s = batch_window_s
@@ -99,7 +105,7 @@ class Writer(Actor):
         con = self.db.open()
         try:
             version = migrate(con, self.limits.dim)
-            state = StoreState.load(con, self.limits)
+            state = StoreState.load(con, self.limits, self.partition)
         except BaseException:
             self.db.close()
             raise

@@ -8,6 +8,7 @@ naming the field.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -91,6 +92,34 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: How long a filter's selectivity estimate (a COUNT) is reused, in seconds.
     search_count_ttl_s: float = 10.0
 
+    # -- partitioning of messages (the maintenance actor; docs/partitioning.md) ----------
+    #: Move closed months of ``messages`` to Parquet on a schedule, and serve retention and
+    #: corrections of archived months. On by default: the view ``messages`` reads the same
+    #: rows either way, and the hot table's indexes stay small as the years pile up.
+    partition_enabled: bool = True
+    #: Archive folder; empty means ``<db_path>.archive`` (for an in-memory database,
+    #: partitioning is off unless a folder is given).
+    archive_dir: str = ""
+    #: Seconds between maintenance rounds (move closed months, apply retention, delete garbage).
+    maintenance_interval_s: float = 3_600.0
+    #: Seconds from start to the first round, so a process restarted more often than the
+    #: interval still moves its closed months.
+    maintenance_first_round_s: float = 60.0
+    #: Months kept in the hot table besides the current one (1: the current and the last).
+    keep_hot_months: int = 1
+    #: Months kept at all, the current one included; older ones are dropped by the
+    #: maintenance round. None keeps everything (retention is then one call: drop_period).
+    retain_months: int | None = None
+    #: How long after its end a month may still receive late messages; only then is it
+    #: moved or droppable (a later straggler still lands, hot, and is merged on the next move).
+    partition_grace_s: float = 2 * 86_400.0
+    #: How long files of a superseded archive generation are kept for queries that bound the
+    #: old view; at least ``default_timeout_s`` (a longer per-call timeout may then fail).
+    garbage_delay_s: float = 600.0
+    #: Months moved per round at most (bounds a round after a long downtime).
+    max_moves_per_round: int = 2
+    maintenance_mailbox: int = 64
+
     def __post_init__(self) -> None:
         _at_least(self.dim, 1, "dim")
         _at_least(self.readers, 1, "readers")
@@ -142,6 +171,36 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 raise ConfigError(f"must be > 0, got {getattr(self, name)!r}", field=name)
         if not self.db_path:
             raise ConfigError("must name a file", field="db_path")
+        self._check_partitioning()
+
+    def _check_partitioning(self) -> None:
+        _at_least(self.keep_hot_months, 0, "keep_hot_months")
+        _at_least(self.max_moves_per_round, 1, "max_moves_per_round")
+        _at_least(self.maintenance_mailbox, 1, "maintenance_mailbox")
+        for name in ("maintenance_interval_s", "partition_grace_s", "garbage_delay_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"must be a finite number > 0, got {value!r}", field=name)
+        first = self.maintenance_first_round_s
+        if not (isinstance(first, int | float) and math.isfinite(first) and first >= 0):
+            raise ConfigError(
+                f"must be a finite number >= 0, got {first!r}", field="maintenance_first_round_s"
+            )
+        if self.retain_months is not None:
+            _at_least(self.retain_months, 1, "retain_months")
+            if self.retain_months <= self.keep_hot_months:
+                raise ConfigError(
+                    f"must exceed keep_hot_months ({self.keep_hot_months}), "
+                    f"got {self.retain_months}",
+                    field="retain_months",
+                )
+        if self.garbage_delay_s < self.default_timeout_s:
+            # A query bound to the old view may still open the old files until its deadline.
+            raise ConfigError(
+                f"must be at least default_timeout_s ({self.default_timeout_s} s), "
+                f"got {self.garbage_delay_s}",
+                field="garbage_delay_s",
+            )
 
     @classmethod
     def load(

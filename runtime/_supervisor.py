@@ -289,7 +289,14 @@ class Supervisor:
         child.exited = trio.Event()
         child.incarnation += 1
         try:
-            await self._nursery.start(self._incarnation, child)
+            # Shielded: if this supervisor were cancelled while the child starts, trio would
+            # not move the started child into our nursery (TaskStatus.started() leaves it in
+            # start()'s own nursery when that one is cancelled), and start() would then wait
+            # for the child to exit, which only _stop_all() asks for: a deadlock until the
+            # parent's deadline. A start is bounded (on_start has its own deadlines), and the
+            # cancellation is seen at the next checkpoint, after the child is ours to stop.
+            with trio.CancelScope(shield=True):
+                await self._nursery.start(self._incarnation, child)
         except Exception as exc:
             child.note_error(exc)
             log.error("child failed to start", extra={"child": child.path, "error": str(exc)})

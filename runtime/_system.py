@@ -8,7 +8,11 @@ The tree::
        ├─ readers       one_for_one
        │  ├─ reader-0   own connection (cursor) on the same instance
        │  └─ ...
-       └─ index         HNSW over chunks.embedding, follows the writer's commits
+       ├─ index         HNSW over chunks.embedding, follows the writer's commits
+       └─ maintenance   moves closed months of messages to Parquet, retention, corrections
+
+The maintenance actor comes last: it needs the schema the writer migrated, and a writer
+restart restarts it too (its connection came from the writer's instance). It stops first.
 
 :func:`open_runtime` starts it and yields a :class:`Runtime`, whose methods are the whole data
 API; :func:`start_blocking` gives the same API to synchronous code.
@@ -17,14 +21,25 @@ API; :func:`start_blocking` gives the same API to synchronous code.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as _dt
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
 import trio
 
+from symbiote.actors._partition import DropResult, MoveResult, PartitionSpec, PeriodInfo
 from symbiote.actors._threads import set_db_thread_nice
 from symbiote.actors._vector import VectorParams
 from symbiote.actors.database import Database
@@ -39,6 +54,17 @@ from symbiote.actors.index import (
     SaveSnapshot,
     default_index_dir,
 )
+from symbiote.actors.maintenance import (
+    CorrectArchived,
+    DropPeriod,
+    ListPeriods,
+    Maintenance,
+    MaintenanceReport,
+    MaintenanceSettings,
+    MessageCorrected,
+    MovePeriod,
+    RunMaintenance,
+)
 from symbiote.actors.reader import Query, QueryFormat, Reader, Stream
 from symbiote.actors.search import SearchPlanner
 from symbiote.actors.writer import Writer
@@ -48,18 +74,39 @@ from symbiote.runtime._config import Config
 from symbiote.runtime._specs import ChildSpec, SupervisorSpec
 from symbiote.runtime._supervisor import Supervisor, open_supervisor
 from symbiote.runtime._tree import TreeNode, format_tree
-from symbiote.schema.errors import BadArgument, ConfigError, SymbioteError
+from symbiote.schema.errors import (
+    BadArgument,
+    ConfigError,
+    NotFound,
+    SymbioteError,
+    WriteConflict,
+)
 from symbiote.schema.messages import (
+    CorrectMessage,
     DeleteChunks,
     IngestMessages,
     UpsertChunks,
     UpsertDocuments,
     WriteAck,
 )
-from symbiote.schema.records import Chunk, Document, Limits, Message
+from symbiote.schema.records import (
+    Chunk,
+    Document,
+    Limits,
+    Message,
+    validate_message_changes,
+)
 from symbiote.schema.search import SearchFilter, SearchHits
 
-__all__ = ["BlockingRuntime", "Runtime", "build_tree", "open_runtime", "start_blocking"]
+__all__ = [
+    "BlockingRuntime",
+    "Runtime",
+    "build_tree",
+    "maintenance_settings",
+    "open_runtime",
+    "partition_spec",
+    "start_blocking",
+]
 
 log = logging.getLogger("symbiote.runtime")
 
@@ -93,8 +140,46 @@ def index_settings(config: Config) -> IndexSettings:
     )
 
 
-def build_tree(config: Config, db: Database) -> SupervisorSpec:
-    """The runtime's supervision tree for ``config``, as data."""
+def partition_spec(config: Config) -> PartitionSpec | None:
+    """The hot/cold layout of ``messages`` for ``config``; None when partitioning is off.
+
+    Off when ``partition_enabled`` is false, or for an in-memory database without an
+    ``archive_dir`` (its archive would outlive it). The writer and the maintenance actor
+    share the one instance returned (its fence, see ``ArchiveFence``).
+    """
+    if not config.partition_enabled:
+        return None
+    archive = config.archive_dir
+    if not archive:
+        if config.db_path.startswith(":memory:"):
+            return None
+        archive = str(Path(config.db_path).with_name(Path(config.db_path).name + ".archive"))
+    return PartitionSpec(
+        archive_dir=Path(archive),
+        grace=_dt.timedelta(seconds=config.partition_grace_s),
+        garbage_delay=_dt.timedelta(seconds=config.garbage_delay_s),
+    )
+
+
+def maintenance_settings(config: Config) -> MaintenanceSettings:
+    """The maintenance actor's schedule and policy from ``config``."""
+    return MaintenanceSettings(
+        interval_s=config.maintenance_interval_s,
+        first_round_s=config.maintenance_first_round_s,
+        keep_hot=config.keep_hot_months,
+        max_moves_per_round=config.max_moves_per_round,
+        retain_months=config.retain_months,
+    )
+
+
+def build_tree(
+    config: Config, db: Database, *, partition: PartitionSpec | None = None
+) -> SupervisorSpec:
+    """The runtime's supervision tree for ``config``, as data.
+
+    ``partition`` is the layout from :func:`partition_spec` (pass the same instance the
+    runtime uses); None builds the tree without the maintenance actor.
+    """
     limits = Limits(dim=config.dim, max_text_bytes=config.max_text_bytes)
     # The index registers itself here when it starts; the writer notifies whoever is in it.
     followers = Followers()
@@ -106,6 +191,7 @@ def build_tree(config: Config, db: Database) -> SupervisorSpec:
             max_batch_rows=config.max_batch_rows,
             batch_window_s=config.batch_window_s,
             subscribers=followers.refs,
+            partition=partition,
         ),
         mailbox=config.writer_mailbox,
         shutdown=config.shutdown_s,
@@ -136,6 +222,18 @@ def build_tree(config: Config, db: Database) -> SupervisorSpec:
             shutdown=max(config.shutdown_s, 30.0),
         )
         children = (*children, index)
+    if partition is not None:
+        settings_m = maintenance_settings(config)
+        spec = partition
+        maintenance = ChildSpec(
+            id="maintenance",
+            factory=lambda: Maintenance(db, spec, settings_m),
+            mailbox=config.maintenance_mailbox,
+            # A move in progress runs in a thread that cannot be cancelled; it commits or
+            # rolls back as a whole, so give it the time a large month needs.
+            shutdown=max(config.shutdown_s, 60.0),
+        )
+        children = (*children, maintenance)
     data = SupervisorSpec(
         id="data",
         strategy="rest_for_one",
@@ -153,11 +251,24 @@ class Runtime:
     omitted) and raises typed :class:`SymbioteError` subclasses.
     """
 
-    def __init__(self, config: Config, supervisor: Supervisor, db: Database) -> None:
+    def __init__(
+        self,
+        config: Config,
+        supervisor: Supervisor,
+        db: Database,
+        *,
+        partition: PartitionSpec | None = None,
+    ) -> None:
         self.config = config
         self._sup = supervisor
         self._db = db
         self._writer = supervisor.ref("data/writer")
+        self._limits = Limits(dim=config.dim, max_text_bytes=config.max_text_bytes)
+        #: The messages layout (None: partitioning is off); see docs/partitioning.md.
+        self.partition = partition
+        self._maintenance: ActorRef | None = (
+            supervisor.ref("data/maintenance") if partition is not None else None
+        )
         self._readers = [supervisor.ref(f"data/readers/reader-{i}") for i in range(config.readers)]
         # Calls in flight per reader, for least-loaded dispatch.
         self._inflight = dict.fromkeys(self._readers, 0)
@@ -207,6 +318,115 @@ class Runtime:
     async def _write(self, msg: Any, timeout: float | None) -> WriteAck:
         ack: WriteAck = await self._writer.ask(msg, timeout=self._timeout(timeout))
         return ack
+
+    async def correct_message(
+        self, event_id: str, changes: Mapping[str, Any], *, timeout: float | None = None
+    ) -> MessageCorrected:
+        """Change correctable columns of one stored message, wherever it lives.
+
+        ``changes`` maps columns (``text``, ``media_url``, ``media_type``, ``attrs``,
+        ``pii_flags``, ``author_raw``, ``created_by_run``) to new values. A message in the
+        hot table is updated by the writer (a plain ``UPDATE``, milliseconds); one in an
+        archived month by the maintenance actor, which rewrites that month's file as a new
+        generation (about a hundred milliseconds per million rows of the month). Readers see
+        the old or the new version, never both.
+
+        Raises:
+            InvalidRecord: a column that cannot be corrected or a bad value (field
+                ``changes`` or ``changes.<column>``), or a bad ``event_id``.
+            NotFound: no message has ``event_id`` (field ``event_id``). Nothing changed.
+        """
+        # Checked here, not only by the writer: an archived message never reaches it.
+        values: Any = dict(changes) if isinstance(changes, Mapping) else changes
+        validate_message_changes(event_id, values, self._limits)
+        wait = self._timeout(timeout)
+        fix = CorrectMessage(event_id=event_id, changes=values)
+        for attempt in range(3):
+            try:
+                ack: WriteAck = await self._writer.ask(fix, timeout=wait)
+            except WriteConflict:
+                # A move of the message's month deleted the hot row meanwhile: after it
+                # commits the row is archived, so ask again (bounded).
+                if attempt == 2:
+                    raise
+                await trio.sleep(0.05 * (attempt + 1))
+                continue
+            if ack.written:
+                return MessageCorrected(event_id=event_id, archived=False)
+            if self._maintenance is None:
+                raise NotFound(f"no message {event_id!r:.60}", field="event_id")
+            # Not hot: archived (the maintenance actor finds its month), or unknown.
+            done: MessageCorrected = await self._maintenance.ask(
+                CorrectArchived(event_id=event_id, changes=values), timeout=wait
+            )
+            return done
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- partitioning (docs/partitioning.md) -----------------------------------------------
+
+    async def periods(self, *, timeout: float | None = None) -> list[PeriodInfo]:
+        """Every month with messages, oldest first: rows still hot, rows archived, generation."""
+        infos: list[PeriodInfo] = await self._maintenance_ref().ask(
+            ListPeriods(), timeout=self._timeout(timeout)
+        )
+        return infos
+
+    async def move_period(self, period: str, *, timeout: float | None = None) -> MoveResult:
+        """Move the hot messages of a closed month (``"YYYY-MM"``) to Parquet now.
+
+        The maintenance rounds do this by themselves (``keep_hot_months``); this is for
+        operators and tests. Readers see every message exactly once during the move.
+
+        Raises:
+            BadArgument: ``period`` is not ``YYYY-MM`` (field ``period``).
+            PeriodOpen: the month may still receive writes (its end plus
+                ``partition_grace_s`` is in the future).
+            NotFound: the month has no messages.
+        """
+        result: MoveResult = await self._maintenance_ref().ask(
+            MovePeriod(period=period), timeout=self._timeout(timeout)
+        )
+        return result
+
+    async def drop_period(
+        self,
+        period: str,
+        tenant: str | None = None,
+        *,
+        purge: bool = False,
+        timeout: float | None = None,
+    ) -> DropResult:
+        """Retention in one call: delete a closed month's messages (or one tenant's of it).
+
+        Hot and archived rows leave the view in one transaction; archived files are deleted
+        after ``garbage_delay_s`` (``purge=True``: at once, when no query can be reading).
+
+        Raises:
+            BadArgument: malformed ``period`` or empty ``tenant``.
+            PeriodOpen: the month may still receive writes.
+            NotFound: the month has no messages (field ``period``), or the tenant none in it
+                (field ``tenant``). Nothing is deleted on any error.
+        """
+        result: DropResult = await self._maintenance_ref().ask(
+            DropPeriod(period=period, tenant=tenant, purge=purge), timeout=self._timeout(timeout)
+        )
+        return result
+
+    async def run_maintenance(self, *, timeout: float | None = None) -> MaintenanceReport:
+        """Run one maintenance round now (moves, retention, garbage) and report it."""
+        report: MaintenanceReport = await self._maintenance_ref().ask(
+            RunMaintenance(), timeout=self._timeout(timeout)
+        )
+        return report
+
+    def _maintenance_ref(self) -> ActorRef:
+        if self._maintenance is None:
+            raise ConfigError(
+                "partitioning is off (partition_enabled = false, or an in-memory database"
+                " without archive_dir)",
+                field="partition_enabled",
+            )
+        return self._maintenance
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -377,9 +597,10 @@ async def open_runtime(config: Config | None = None) -> AsyncIterator[Runtime]:
     config = config or Config()
     set_db_thread_nice(config.db_thread_nice)
     db = Database(config.db_path, threads=config.duckdb_threads)
-    async with open_supervisor(build_tree(config, db)) as sup:
+    partition = partition_spec(config)
+    async with open_supervisor(build_tree(config, db, partition=partition)) as sup:
         log.info("runtime started", extra={"db_path": config.db_path, "readers": config.readers})
-        yield Runtime(config, sup, db)
+        yield Runtime(config, sup, db, partition=partition)
 
 
 class BlockingRuntime:
@@ -447,6 +668,40 @@ class BlockingRuntime:
         """Blocking :meth:`Runtime.delete_chunks`."""
         ack: WriteAck = self._run("delete_chunks", tuple(chunk_ids), timeout=timeout)
         return ack
+
+    def correct_message(
+        self, event_id: str, changes: Mapping[str, Any], *, timeout: float | None = None
+    ) -> MessageCorrected:
+        """Blocking :meth:`Runtime.correct_message`."""
+        done: MessageCorrected = self._run("correct_message", event_id, changes, timeout=timeout)
+        return done
+
+    def periods(self, *, timeout: float | None = None) -> list[PeriodInfo]:
+        """Blocking :meth:`Runtime.periods`."""
+        infos: list[PeriodInfo] = self._run("periods", timeout=timeout)
+        return infos
+
+    def move_period(self, period: str, *, timeout: float | None = None) -> MoveResult:
+        """Blocking :meth:`Runtime.move_period`."""
+        result: MoveResult = self._run("move_period", period, timeout=timeout)
+        return result
+
+    def drop_period(
+        self,
+        period: str,
+        tenant: str | None = None,
+        *,
+        purge: bool = False,
+        timeout: float | None = None,
+    ) -> DropResult:
+        """Blocking :meth:`Runtime.drop_period`."""
+        result: DropResult = self._run("drop_period", period, tenant, purge=purge, timeout=timeout)
+        return result
+
+    def run_maintenance(self, *, timeout: float | None = None) -> MaintenanceReport:
+        """Blocking :meth:`Runtime.run_maintenance`."""
+        report: MaintenanceReport = self._run("run_maintenance", timeout=timeout)
+        return report
 
     def query(
         self,

@@ -27,9 +27,11 @@ from .mesh import MESH_DDL
 
 __all__ = [
     "CURRENT_VERSION",
+    "MESSAGES_HOT_DDL",
     "META_CHUNK_SEQ",
     "META_DIM",
     "MIGRATIONS",
+    "PARTITION_DDL",
     "Migration",
     "applied_version",
     "migrate",
@@ -153,6 +155,77 @@ CHUNKS_DDL: Final = (
     )""",
 )
 
+# Partitioning (docs/partitioning.md): recent messages live in the hot table ``messages_hot``
+# (Egregora's DDL: unique event_id, indexes on ts, thread_id, author_uuid), closed months in
+# Parquet files, and readers query the view ``messages`` over both. The maintenance actor
+# redefines the view whenever the archive changes; this first definition is the hot table
+# alone. Text kept here, not derived from MESSAGES_DDL: an applied migration never changes.
+MESSAGES_HOT_DDL: Final = (
+    """CREATE TABLE messages_hot (
+        event_id       VARCHAR NOT NULL UNIQUE,
+        tenant_id      VARCHAR NOT NULL,
+        source         VARCHAR NOT NULL,
+        thread_id      VARCHAR NOT NULL,
+        msg_id         VARCHAR NOT NULL,
+        ts             TIMESTAMPTZ NOT NULL,
+        author_raw     VARCHAR NOT NULL,
+        author_uuid    VARCHAR NOT NULL,
+        text           VARCHAR,
+        media_url      VARCHAR,
+        media_type     VARCHAR CHECK (media_type IN ('image', 'video', 'audio')),
+        attrs          JSON,
+        pii_flags      JSON,
+        created_at     TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+        created_by_run VARCHAR
+    )""",
+    "CREATE INDEX messages_hot_ts ON messages_hot (ts)",
+    "CREATE INDEX messages_hot_thread_id ON messages_hot (thread_id)",
+    "CREATE INDEX messages_hot_author_uuid ON messages_hot (author_uuid)",
+)
+
+#: Bookkeeping of the hot/cold layout, shared by every partitioned relation (keyed by the
+#: view's name). The single source of this text: ``symbiote.actors._partition`` imports it.
+#: ``IF NOT EXISTS`` because the maintenance actor also runs it on files created before it.
+PARTITION_DDL: Final = (
+    # The manifest: which generation of each archived month the view reads.
+    """CREATE TABLE IF NOT EXISTS symbiote_partitions (
+        relation   VARCHAR NOT NULL,
+        period     VARCHAR NOT NULL,
+        gen        INTEGER NOT NULL,
+        rows       BIGINT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (relation, period)
+    )""",
+    # The journal: a row here means a move or rewrite started and has not committed.
+    """CREATE TABLE IF NOT EXISTS symbiote_partition_jobs (
+        relation   VARCHAR NOT NULL,
+        period     VARCHAR NOT NULL,
+        kind       VARCHAR NOT NULL,
+        temp_dir   VARCHAR NOT NULL,
+        final_dir  VARCHAR NOT NULL,
+        started_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (relation, period)
+    )""",
+    # Directories no longer referenced by any view, deleted after not_before.
+    """CREATE TABLE IF NOT EXISTS symbiote_partition_garbage (
+        path       VARCHAR PRIMARY KEY,
+        not_before TIMESTAMPTZ NOT NULL
+    )""",
+)
+
+# DuckDB refuses ``ALTER TABLE messages RENAME`` while indexes depend on the table, so the
+# rows are copied into the new hot table and the old table (indexes first) is dropped. It
+# all runs in the migration's one transaction: a crash leaves version 2 untouched.
+_PARTITION_MIGRATION: Final = (
+    *MESSAGES_HOT_DDL,
+    "INSERT INTO messages_hot SELECT * FROM messages",
+    "DROP INDEX messages_ts",
+    "DROP INDEX messages_thread_id",
+    "DROP INDEX messages_author_uuid",
+    "DROP TABLE messages",
+    "CREATE VIEW messages AS SELECT * FROM messages_hot",
+    *PARTITION_DDL,
+)
 
 #: Every migration, in order. Append only; never edit or reorder an entry.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -167,6 +240,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         2,
         "mesh: peers, peer_keys, trust_edges, trust_scores, grants, mesh_rows",
         *MESH_DDL,
+    ),
+    sql_migration(
+        3,
+        "partitioning: messages_hot table, messages view, partition bookkeeping",
+        *_PARTITION_MIGRATION,
     ),
 )
 

@@ -8,6 +8,8 @@ socket and be decoded as the :data:`WriteRequest` union. The writer answers each
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from .errors import Failure
@@ -16,6 +18,7 @@ from .records import Chunk, Document, Message
 __all__ = [
     "ChunkChange",
     "ChunksCommitted",
+    "CorrectMessage",
     "DeleteChunks",
     "IngestMessages",
     "UpsertChunks",
@@ -50,8 +53,20 @@ class DeleteChunks(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     chunk_ids: tuple[str, ...]
 
 
+class CorrectMessage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Change correctable columns of one message still in the hot table (``messages_hot``).
+
+    Answered with ``WriteAck(written=1)`` when the row was updated, ``written=0`` when no hot
+    row has ``event_id`` (it may be archived: the runtime then asks the maintenance actor,
+    which rewrites the month's file). See ``CORRECTABLE_MESSAGE_FIELDS``.
+    """
+
+    event_id: str
+    changes: dict[str, Any]
+
+
 #: What the writer accepts.
-WriteRequest = IngestMessages | UpsertDocuments | UpsertChunks | DeleteChunks
+WriteRequest = IngestMessages | UpsertDocuments | UpsertChunks | DeleteChunks | CorrectMessage
 
 
 class WriteAck(msgspec.Struct, frozen=True, kw_only=True, tag=True):

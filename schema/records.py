@@ -37,6 +37,7 @@ import numpy.typing as npt
 from .errors import ConfigError, InvalidRecord, TooLarge
 
 __all__ = [
+    "CORRECTABLE_MESSAGE_FIELDS",
     "DEFAULT_LIMITS",
     "MEDIA_TYPES",
     "POST_STATUSES",
@@ -52,6 +53,7 @@ __all__ = [
     "embedding_matrix",
     "validate_chunks",
     "validate_documents",
+    "validate_message_changes",
     "validate_messages",
 ]
 
@@ -212,6 +214,13 @@ _MESSAGE_REQUIRED: Final = (
     "author_uuid",
 )
 _MESSAGE_OPTIONAL_SHORT: Final = ("media_url", "created_by_run")
+
+#: Columns of a stored message a correction may change. The key, the time, the tenant, the
+#: thread and the author id place the row (its month file, its sort order, the hot table's
+#: indexes), so they are not correctable: a message with another place is another message.
+CORRECTABLE_MESSAGE_FIELDS: Final = frozenset(
+    {"text", "media_url", "media_type", "attrs", "pii_flags", "author_raw", "created_by_run"}
+)
 
 
 def validate_messages(
@@ -510,3 +519,51 @@ def decode_chunks(obj: object, limits: Limits = DEFAULT_LIMITS) -> tuple[Chunk, 
     chunks = _decode(obj, tuple[Chunk, ...], "chunks")
     validate_chunks(chunks, limits)
     return chunks
+
+
+def validate_message_changes(
+    event_id: object, changes: object, limits: Limits = DEFAULT_LIMITS
+) -> None:
+    """Check a correction of one stored message; raise :class:`InvalidRecord` naming the field.
+
+    ``changes`` maps correctable column names (:data:`CORRECTABLE_MESSAGE_FIELDS`) to new
+    values, checked as :func:`validate_messages` checks the same fields; JSON values
+    (``attrs``, ``pii_flags``) are encoded once here to check their size (a correction is
+    rare, so unlike ingest it can afford the second encoding by the writer).
+    """
+    if type(event_id) is not str or not event_id:
+        raise InvalidRecord("expected a non-empty str", field="event_id")
+    _check_text(event_id, limits.max_id_bytes, "event_id")
+    if not isinstance(changes, dict) or not changes:
+        raise InvalidRecord("expected a non-empty mapping of column to value", field="changes")
+    for name, value in changes.items():
+        if name not in CORRECTABLE_MESSAGE_FIELDS:
+            allowed = ", ".join(sorted(CORRECTABLE_MESSAGE_FIELDS))
+            raise InvalidRecord(
+                f"{name!r:.40} cannot be corrected (allowed: {allowed})", field="changes"
+            )
+        path = f"changes.{name}"
+        if name in ("attrs", "pii_flags"):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise InvalidRecord(f"expected an object, got {_type_name(value)}", field=path)
+            try:
+                size = len(msgspec.json.encode(value))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise InvalidRecord(f"not JSON-encodable: {exc}", field=path) from None
+            if size > limits.max_json_bytes:
+                raise TooLarge(f"JSON larger than {limits.max_json_bytes} bytes", field=path)
+            continue
+        if value is None:
+            if name == "author_raw":
+                raise InvalidRecord("must not be null", field=path)
+            continue
+        if type(value) is not str:
+            raise InvalidRecord(f"expected str, got {_type_name(value)}", field=path)
+        if name == "media_type" and value not in MEDIA_TYPES:
+            raise InvalidRecord(
+                f"must be one of {sorted(MEDIA_TYPES)} or null, got {value!r:.40}", field=path
+            )
+        cap = limits.max_text_bytes if name == "text" else limits.max_id_bytes
+        _check_text(value, cap, path)

@@ -11,11 +11,13 @@ import duckdb
 import numpy as np
 import pytest
 
+from symbiote.actors import _partition as part
 from symbiote.actors._store import StoreState, apply_batch
 from symbiote.schema.ddl import migrate
 from symbiote.schema.errors import Failure
 from symbiote.schema.messages import (
     ChunkChange,
+    CorrectMessage,
     DeleteChunks,
     IngestMessages,
     UpsertChunks,
@@ -278,3 +280,81 @@ def test_acked_writes_survive_reopen(tmp_path: Path) -> None:
     row = c.execute("SELECT embedding FROM chunks").fetchone()
     assert row is not None
     np.testing.assert_allclose(row[0], emb)
+
+
+# -- partitioning: the hot table, archived months, corrections ---------------------------------
+
+LATER = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)  # May and June 2024 are long closed
+
+
+def test_retry_of_an_archived_message_stays_a_duplicate(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    spec = part.PartitionSpec(archive_dir=tmp_path / "archive")
+    state = StoreState.load(con, Limits(dim=DIM), spec)
+    june = NOW + dt.timedelta(days=31)
+    apply_batch(con, [ingest(1, 2, 3), ingest(4, ts=june)], state)
+    maintenance = con.cursor()  # the maintenance actor's own connection
+    part.ensure_partitioning(maintenance, spec)
+    assert spec.fence.end is None  # nothing archived yet: the writer never looks
+    moved = part.archive_period(maintenance, spec, "2024-05", now=LATER)
+    assert moved.rows == 3
+    assert spec.fence.end == dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+
+    # e1 and e2 are archived, e4 hot, e5 new (late, for the archived month), e6 new in June.
+    result = apply_batch(con, [ingest(1, 5), ingest(2), ingest(4, 6, ts=june)], state)
+    assert result.outcomes == [
+        WriteAck(written=1, duplicates=1),
+        WriteAck(written=0, duplicates=1),
+        WriteAck(written=1, duplicates=1),
+    ]
+    assert result.commits == 1
+    row = con.execute("SELECT count(*), count(DISTINCT event_id) FROM messages").fetchone()
+    assert row == (6, 6)
+    assert count(con, "messages_hot") == 3  # e4, e5 (late), e6
+
+
+def test_fence_is_loaded_from_the_manifest_at_start(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    spec = part.PartitionSpec(archive_dir=tmp_path / "archive")
+    apply_batch(con, [ingest(1, 2)], StoreState.load(con, Limits(dim=DIM)))
+    part.ensure_partitioning(con, spec)
+    part.archive_period(con, spec, "2024-05", now=LATER)
+    # A restarted writer: a fresh spec (fence unset) reads the newest archived month.
+    fresh = part.PartitionSpec(archive_dir=tmp_path / "archive")
+    state = StoreState.load(con, Limits(dim=DIM), fresh)
+    assert fresh.fence.end == dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+    assert apply_batch(con, [ingest(1, 2)], state).outcomes == [WriteAck(written=0, duplicates=2)]
+
+
+def test_correct_a_hot_message(con: duckdb.DuckDBPyConnection, state: StoreState) -> None:
+    apply_batch(con, [ingest(1, 2)], state)
+    fix = CorrectMessage(event_id="e1", changes={"text": "fixed", "attrs": {"v": 2}})
+    result = apply_batch(con, [fix, CorrectMessage(event_id="nope", changes={"text": "x"})], state)
+    assert result.outcomes == [WriteAck(written=1), WriteAck(written=0)]
+    rows = con.execute("SELECT event_id, text, attrs->>'v' FROM messages ORDER BY 1").fetchall()
+    assert rows == [("e1", "fixed", "2"), ("e2", None, None)]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({}, "changes"),
+        ({"ts": NOW}, "changes"),
+        ({"event_id": "e9"}, "changes"),
+        ({"media_type": "pdf"}, "changes.media_type"),
+        ({"author_raw": None}, "changes.author_raw"),
+        ({"text": 3}, "changes.text"),
+        ({"attrs": {"x": object()}}, "changes.attrs"),
+    ],
+)
+def test_bad_correction_is_refused_and_changes_nothing(
+    con: duckdb.DuckDBPyConnection, state: StoreState, changes: dict[str, Any], field: str
+) -> None:
+    apply_batch(con, [ingest(1)], state)
+    result = apply_batch(con, [CorrectMessage(event_id="e1", changes=changes)], state)
+    [failure] = result.outcomes
+    assert isinstance(failure, Failure) and failure.field == field
+    assert result.attempts == 0
+    assert con.execute("SELECT text FROM messages").fetchall() == [(None,)]

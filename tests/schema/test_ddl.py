@@ -29,11 +29,23 @@ def tables(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
 
 
+def views(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {
+        r[0]
+        for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+    }
+
+
 def test_fresh_database(db: str) -> None:
     con = duckdb.connect(db)
     assert applied_version(con) == 0
     assert migrate(con, 8) == CURRENT_VERSION
-    assert {"messages", "documents", "chunks", "chunk_deletes", "schema_migrations"} <= tables(con)
+    assert {"messages_hot", "documents", "chunks", "chunk_deletes", "schema_migrations"} <= tables(
+        con
+    )
+    assert {"symbiote_partitions", "symbiote_partition_jobs"} <= tables(con)
+    # Readers query the view, whatever the partitioning did with the rows.
+    assert views(con) >= {"messages"}
     assert read_meta(con, META_DIM) == "8"
     col = con.execute(
         "SELECT data_type FROM duckdb_columns() WHERE table_name = 'chunks'"
@@ -41,7 +53,7 @@ def test_fresh_database(db: str) -> None:
     ).fetchone()
     assert col == ("FLOAT[8]",)
     indexes = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall()}
-    assert {"messages_ts", "messages_thread_id", "messages_author_uuid"} <= indexes
+    assert {"messages_hot_ts", "messages_hot_thread_id", "messages_hot_author_uuid"} <= indexes
 
 
 def test_migrate_is_idempotent_across_reopen(db: str) -> None:
@@ -118,3 +130,23 @@ def test_migration_versions_must_be_consecutive(db: str) -> None:
     gap = (*MIGRATIONS, Migration(CURRENT_VERSION + 2, "gap", lambda con, dim: None))
     with pytest.raises(ConfigError):
         migrate(duckdb.connect(db), 8, migrations=gap)
+
+
+def test_partition_migration_keeps_the_rows_of_a_version_2_file(db: str) -> None:
+    """A file written before partitioning: its messages move into messages_hot, seen once."""
+    con = duckdb.connect(db)
+    migrate(con, 8, migrations=MIGRATIONS[:2])
+    con.execute(
+        "INSERT INTO messages (event_id, tenant_id, source, thread_id, msg_id, ts, author_raw,"
+        " author_uuid, attrs) SELECT 'e' || range, 't', 's', 'th', 'm',"
+        " TIMESTAMPTZ '2025-01-01' + to_hours(range), 'a', 'u', '{\"k\": 1}' FROM range(50)"
+    )
+    assert migrate(con, 8) == CURRENT_VERSION
+    assert "messages" not in tables(con) and "messages" in views(con)
+    row = con.execute(
+        "SELECT count(*), count(DISTINCT event_id), max(attrs->>'k') FROM messages"
+    ).fetchone()
+    assert row == (50, 50, "1")
+    # The hot table kept the unique key.
+    with pytest.raises(duckdb.ConstraintException):
+        con.execute("INSERT INTO messages_hot SELECT * FROM messages_hot LIMIT 1")
