@@ -26,9 +26,12 @@ log = logging.getLogger("symbiote.database")
 class Database:
     """Where the DuckDB file is and, while the writer runs, its connection."""
 
-    def __init__(self, path: str, *, threads: int | None = None) -> None:
+    def __init__(
+        self, path: str, *, threads: int | None = None, checkpoint_threshold: str | None = None
+    ) -> None:
         self.path = path
         self.threads = threads
+        self.checkpoint_threshold = checkpoint_threshold
         self._con: duckdb.DuckDBPyConnection | None = None
 
     def open(self) -> duckdb.DuckDBPyConnection:
@@ -40,6 +43,8 @@ class Database:
         config: dict[str, str | bool | int | float | list[str]] = {}
         if self.threads is not None:
             config["threads"] = self.threads
+        if self.checkpoint_threshold is not None:
+            config["checkpoint_threshold"] = self.checkpoint_threshold
         try:
             # DuckDB starts its worker threads here; they run below the trio loop's priority.
             self._con = lower_new_threads(lambda: duckdb.connect(self.path, config=config))

@@ -596,7 +596,11 @@ async def open_runtime(config: Config | None = None) -> AsyncIterator[Runtime]:
     """Start a runtime on ``config`` (defaults: ``Config()``) and shut it down on exit."""
     config = config or Config()
     set_db_thread_nice(config.db_thread_nice)
-    db = Database(config.db_path, threads=config.duckdb_threads)
+    db = Database(
+        config.db_path,
+        threads=config.duckdb_threads,
+        checkpoint_threshold=config.checkpoint_threshold,
+    )
     partition = partition_spec(config)
     async with open_supervisor(build_tree(config, db, partition=partition)) as sup:
         log.info("runtime started", extra={"db_path": config.db_path, "readers": config.readers})

@@ -220,6 +220,9 @@ async def test_runtime_config_rejects_bad_values() -> None:
         Config.load(env={"SYMBIOTE_DIM": "many"})
     assert info.value.field == "dim"
     assert Config.load(env={"SYMBIOTE_READERS": "2"}).readers == 2
+    with pytest.raises(ConfigError) as info:
+        Config(checkpoint_threshold="lots")
+    assert info.value.field == "checkpoint_threshold"
 
 
 def _count(table: str):  # type: ignore[no-untyped-def]
