@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import trio
 
+from symbiote.runtime._reply import Reply, deadline_error
 from symbiote.schema.errors import (
     ActorCrashed,
     ActorStopped,
@@ -43,31 +44,6 @@ class ActorState(enum.Enum):
     STOPPED = "stopped"
 
 
-class _Slot:
-    """A one-shot reply: set once by the actor (or the kernel), read once by the caller."""
-
-    __slots__ = ("_abandon_event", "abandoned", "done", "error", "value")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.value: Any = None
-        self.error: SymbioteError | None = None
-        self.abandoned = False
-        self._abandon_event: trio.Event | None = None
-
-    def abandon(self) -> None:
-        self.abandoned = True
-        if self._abandon_event is not None:
-            self._abandon_event.set()
-
-    async def wait_abandoned(self) -> None:
-        if self.abandoned:
-            return
-        if self._abandon_event is None:
-            self._abandon_event = trio.Event()
-        await self._abandon_event.wait()
-
-
 class Request:
     """One message taken from a mailbox, with the means to answer it.
 
@@ -78,7 +54,7 @@ class Request:
 
     __slots__ = ("_inbox", "_slot", "msg")
 
-    def __init__(self, msg: Any, slot: _Slot | None) -> None:
+    def __init__(self, msg: Any, slot: Reply | None) -> None:
         self.msg = msg
         self._slot = slot
         self._inbox: Inbox | None = None
@@ -107,21 +83,15 @@ class Request:
     def reply(self, value: Any = None) -> None:
         """Answer with ``value``."""
         slot = self._slot
-        if slot is not None:
-            if slot.done.is_set():
-                return
-            slot.value = value
-            slot.done.set()
+        if slot is not None and not slot.set(value, None):
+            return
         self._finish()
 
     def fail(self, error: SymbioteError) -> None:
         """Answer with a typed error; the caller's ``ask`` raises it."""
         slot = self._slot
-        if slot is not None:
-            if slot.done.is_set():
-                return
-            slot.error = error
-            slot.done.set()
+        if slot is not None and not slot.set(None, error):
+            return
         self._finish()
 
     def _finish(self) -> None:
@@ -325,16 +295,23 @@ class ActorRef:
         """
         _check_timeout(timeout)
         self._check_message(msg)
-        slot = _Slot()
-        try:
-            with trio.move_on_after(timeout):
-                await self._enqueue(Request(msg, slot), overload, yield_after=False)
-                await slot.done.wait()
-        finally:
-            if not slot.done.is_set():
-                slot.abandon()
-        if not slot.done.is_set():
-            raise DeadlineExceeded(f"no reply from {self.name} within {timeout} s")
+        deadline = trio.current_time() + timeout
+        slot = Reply()
+        request = Request(msg, slot)
+        if not self._enqueue_now(request, overload):
+            # Slow path (mailbox full or actor restarting): only here does a cancel scope pay.
+            queued = False
+            try:
+                with trio.move_on_at(deadline):
+                    await self._enqueue(request, overload, yield_after=False)
+                    queued = True
+            finally:
+                if not queued:
+                    slot.abandon()
+            if not queued:
+                raise deadline_error(self.name, timeout)
+        if not await slot.wait(deadline):
+            raise deadline_error(self.name, timeout)
         if slot.error is not None:
             raise slot.error
         return slot.value
@@ -420,6 +397,26 @@ class ActorRef:
         stats.queued += 1
         if stats.queued > stats.peak_depth:
             stats.peak_depth = stats.queued
+
+    def _enqueue_now(self, request: Request, overload: Overload | None) -> bool:
+        """Queue ``request`` if the mailbox has room now; False means take the slow path.
+
+        Raises :class:`Busy` at once for a full mailbox under ``fail``; every other
+        refusal (stopped, restarting) is left to :meth:`_enqueue`, which words it.
+        """
+        send = self._send
+        if send is None or self.state is ActorState.STOPPED or self.state is ActorState.STOPPING:
+            return False
+        try:
+            send.send_nowait(request)
+        except trio.WouldBlock:
+            if (overload or self.overload) == "fail":
+                raise Busy(f"mailbox of {self.name} is full ({self.mailbox_size})") from None
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        self._note_depth(send)
+        return True
 
     async def _enqueue(
         self, request: Request, overload: Overload | None, *, yield_after: bool = True
