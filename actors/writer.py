@@ -97,6 +97,7 @@ class Writer(Actor):
         self.batches = 0
         self.rows = 0
         self.dropped_notifications = 0
+        self._answering: _Committed | None = None
 
     async def on_start(self) -> None:
         self._con, self._state = await run_in_db_thread(self._open, limiter=self._limiter)
@@ -117,6 +118,23 @@ class Writer(Actor):
         await run_in_db_thread(self.db.close, limiter=self._limiter)
 
     async def run(self, inbox: Inbox) -> None:
+        # Acks go out from a second task, so that answering group k (waking its callers, who
+        # then queue their next writes) overlaps with committing group k+1 in the worker
+        # thread, instead of the two taking turns. Measured with 1-message requests at
+        # saturation: docs/data-layer.md.
+        send, receive = trio.open_memory_channel[_Committed](1)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ack_loop, receive)
+                async with send:
+                    await self._commit_loop(inbox, send)
+        finally:
+            # The rows of these groups are committed: their callers must hear so even when
+            # the writer is stopped or crashes (answering twice is a no-op).
+            for done in self._unanswered(receive):
+                done.answer_all()
+
+    async def _commit_loop(self, inbox: Inbox, acks: trio.MemorySendChannel[_Committed]) -> None:
         while True:
             try:
                 first = await inbox.receive()
@@ -125,7 +143,22 @@ class Writer(Actor):
             batch = await self._gather(inbox, first)
             live = [r for r in batch if not self._drop_abandoned(r)]
             if live:
-                await self._commit(live)
+                done = await self._commit(live)
+                await acks.send(done)
+
+    async def _ack_loop(self, receive: trio.MemoryReceiveChannel[_Committed]) -> None:
+        async for done in receive:
+            self._answering = done
+            await done.answer_in_slices()
+            self._answering = None
+
+    def _unanswered(self, receive: trio.MemoryReceiveChannel[_Committed]) -> list[_Committed]:
+        out = [] if self._answering is None else [self._answering]
+        while True:
+            try:
+                out.append(receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return out
 
     async def _gather(self, inbox: Inbox, first: Request) -> list[Request]:
         """The group: ``first`` plus what is queued, bounded by rows (and the time window)."""
@@ -155,7 +188,7 @@ class Writer(Actor):
             return True
         return False
 
-    async def _commit(self, batch: list[Request]) -> None:
+    async def _commit(self, batch: list[Request]) -> _Committed:
         assert self._con is not None and self._state is not None
         con, state = self._con, self._state
         result: BatchResult = await run_in_db_thread(
@@ -163,20 +196,11 @@ class Writer(Actor):
         )
         self.batches += 1
         self.commits += result.commits
-        for n, (request, outcome) in enumerate(zip(batch, result.outcomes, strict=True), 1):
-            if isinstance(outcome, WriteAck):
-                self.rows += outcome.written
-                request.reply(outcome)
-            else:
-                request.fail(_error(outcome))
-            if n % ACK_SLICE == 0:
-                # Thousands of acks in one task step would stall the loop for milliseconds.
-                # Shielded: the rows are committed, so these acks must go out even if we are
-                # being stopped.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+        self.rows += sum(o.written for o in result.outcomes if isinstance(o, WriteAck))
         notice = result.chunks_committed()
         if notice is not None:
             self._publish(notice)
+        return _Committed(batch, result.outcomes)
 
     def _publish(self, notice: ChunksCommitted) -> None:
         for ref in self._subscribers():
@@ -187,6 +211,35 @@ class Writer(Actor):
                 # with the next notice (or at its restart) and catches up from the table.
                 self.dropped_notifications += 1
                 log.warning("follower missed a commit notice", extra={"follower": ref.name})
+
+
+class _Committed:
+    """A committed group and the answers its requests are owed."""
+
+    __slots__ = ("outcomes", "requests")
+
+    def __init__(self, requests: list[Request], outcomes: list[WriteAck | Failure]) -> None:
+        self.requests = requests
+        self.outcomes = outcomes
+
+    async def answer_in_slices(self) -> None:
+        pairs = zip(self.requests, self.outcomes, strict=True)
+        for n, (request, outcome) in enumerate(pairs, 1):
+            _answer(request, outcome)
+            if n % ACK_SLICE == 0:
+                # Thousands of acks in one task step would stall the loop for milliseconds.
+                await trio.lowlevel.checkpoint()
+
+    def answer_all(self) -> None:
+        for request, outcome in zip(self.requests, self.outcomes, strict=True):
+            _answer(request, outcome)
+
+
+def _answer(request: Request, outcome: WriteAck | Failure) -> None:
+    if isinstance(outcome, WriteAck):
+        request.reply(outcome)
+    else:
+        request.fail(_error(outcome))
 
 
 def _error(failure: Failure) -> SymbioteError:
