@@ -29,25 +29,25 @@ __all__ = [
 ]
 
 
-class IngestMessages(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class IngestMessages(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
     """Append messages; a message whose ``event_id`` is already stored is skipped (idempotent)."""
 
     messages: tuple[Message, ...]
 
 
-class UpsertDocuments(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class UpsertDocuments(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
     """Insert or replace documents by ``id``; within one commit the last version wins."""
 
     documents: tuple[Document, ...]
 
 
-class UpsertChunks(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class UpsertChunks(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
     """Insert or replace chunks by ``chunk_id``; each written chunk gets a new commit ``seq``."""
 
     chunks: tuple[Chunk, ...]
 
 
-class DeleteChunks(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class DeleteChunks(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
     """Delete chunks by id; each one that existed leaves a tombstone with a new ``seq``."""
 
     chunk_ids: tuple[str, ...]
@@ -69,7 +69,7 @@ class CorrectMessage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 WriteRequest = IngestMessages | UpsertDocuments | UpsertChunks | DeleteChunks | CorrectMessage
 
 
-class WriteAck(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class WriteAck(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
     """A request committed.
 
     ``written`` counts rows this request inserted, replaced or deleted; ``duplicates`` counts

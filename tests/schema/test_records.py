@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import math
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from symbiote.schema.errors import ConfigError, InvalidRecord, TooLarge
+from symbiote.schema.messages import IngestMessages
 from symbiote.schema.records import (
     Chunk,
     Document,
@@ -258,3 +260,9 @@ def test_decode_chunks_and_documents() -> None:
     assert ei.value.field == "documents[0].status"
     docs[0].update(status="published", date="2024-01-02", tags=["a"])
     assert decode_documents(docs, LIMITS)[0].date == dt.date(2024, 1, 2)
+
+
+def test_records_are_not_tracked_by_the_collector() -> None:
+    m = message(0)
+    assert not gc.is_tracked(m)
+    assert not gc.is_tracked(IngestMessages(messages=(m,)))
