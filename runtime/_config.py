@@ -44,6 +44,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: How much lower (Unix ``nice``) database threads run than the trio loop's thread, so
     #: heavy queries on few cores do not delay the loop; 0 leaves priorities alone.
     db_thread_nice: int = 10
+    #: CPython's thread switch interval while the runtime is open, in milliseconds (the
+    #: interpreter's default is 5). A worker thread running Python holds the GIL that long
+    #: before the trio thread may take it back, which showed up as loop lag; restored when
+    #: the last runtime closes. None leaves the interpreter's setting alone.
+    gil_switch_interval_ms: float | None = 1.0
     #: Mailbox sizes: the bound on requests queued at each actor.
     writer_mailbox: int = 4096
     reader_mailbox: int = 64
@@ -160,6 +165,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             raise ConfigError(f"unknown backend {self.index_backend!r}", field="index_backend")
         if self.duckdb_threads is not None:
             _at_least(self.duckdb_threads, 1, "duckdb_threads")
+        gil = self.gil_switch_interval_ms
+        if gil is not None and not (
+            isinstance(gil, int | float) and math.isfinite(gil) and 0.01 <= gil <= 100
+        ):
+            raise ConfigError(
+                f"must be within [0.01, 100] milliseconds or null, got {gil!r}",
+                field="gil_switch_interval_ms",
+            )
         if not 0 <= self.batch_window_s <= 1:
             raise ConfigError(
                 f"must be within [0, 1] seconds, got {self.batch_window_s!r}",

@@ -71,6 +71,7 @@ from symbiote.actors.writer import Writer
 from symbiote.runtime._actor import ActorRef
 from symbiote.runtime._blocking import BlockingHost
 from symbiote.runtime._config import Config
+from symbiote.runtime._gil import switch_interval
 from symbiote.runtime._specs import ChildSpec, SupervisorSpec
 from symbiote.runtime._supervisor import Supervisor, open_supervisor
 from symbiote.runtime._tree import TreeNode, format_tree
@@ -602,9 +603,13 @@ async def open_runtime(config: Config | None = None) -> AsyncIterator[Runtime]:
         checkpoint_threshold=config.checkpoint_threshold,
     )
     partition = partition_spec(config)
-    async with open_supervisor(build_tree(config, db, partition=partition)) as sup:
-        log.info("runtime started", extra={"db_path": config.db_path, "readers": config.readers})
-        yield Runtime(config, sup, db, partition=partition)
+    gil_s = None if config.gil_switch_interval_ms is None else config.gil_switch_interval_ms / 1e3
+    with switch_interval(gil_s):
+        async with open_supervisor(build_tree(config, db, partition=partition)) as sup:
+            log.info(
+                "runtime started", extra={"db_path": config.db_path, "readers": config.readers}
+            )
+            yield Runtime(config, sup, db, partition=partition)
 
 
 class BlockingRuntime:
