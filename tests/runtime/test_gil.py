@@ -33,10 +33,10 @@ def test_nested_holders_get_the_shortest_and_the_host_value_returns(host_interva
 
 
 async def test_runtime_sets_it_while_open(host_interval: float, symbiote_config: Config) -> None:
+    wanted = symbiote_config.gil_switch_interval_ms
+    assert wanted is not None
     async with open_runtime(symbiote_config):
-        assert sys.getswitchinterval() == pytest.approx(
-            symbiote_config.gil_switch_interval_ms / 1e3
-        )  # type: ignore[operator]
+        assert sys.getswitchinterval() == pytest.approx(wanted / 1e3)
     assert sys.getswitchinterval() == pytest.approx(host_interval)
 
 
