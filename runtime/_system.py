@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as _dt
+import gc
 import logging
 from collections.abc import (
     AsyncIterator,
@@ -606,6 +607,8 @@ async def open_runtime(config: Config | None = None) -> AsyncIterator[Runtime]:
     gil_s = None if config.gil_switch_interval_ms is None else config.gil_switch_interval_ms / 1e3
     with switch_interval(gil_s):
         async with open_supervisor(build_tree(config, db, partition=partition)) as sup:
+            if config.gc_freeze:
+                gc.freeze()
             log.info(
                 "runtime started", extra={"db_path": config.db_path, "readers": config.readers}
             )

@@ -1,10 +1,12 @@
-"""The GIL switch interval a runtime holds while open, and gives back."""
+"""Interpreter settings a runtime applies: the GIL switch interval and the GC freeze."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 
 from symbiote.runtime import Config, ConfigError, open_runtime
@@ -45,3 +47,14 @@ def test_bad_interval_names_the_field(value: object) -> None:
     with pytest.raises(ConfigError) as info:
         Config(gil_switch_interval_ms=value)  # type: ignore[arg-type]
     assert info.value.field == "gil_switch_interval_ms"
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+async def test_gc_freeze_after_start(symbiote_config: Config, freeze: bool) -> None:
+    gc.unfreeze()
+    config = msgspec.structs.replace(symbiote_config, gc_freeze=freeze)
+    try:
+        async with open_runtime(config):
+            assert (gc.get_freeze_count() > 0) is freeze
+    finally:
+        gc.unfreeze()
