@@ -5,28 +5,39 @@ gives every committed chunk upsert and delete a commit sequence (``chunks.seq``,
 ``chunk_deletes``) and tells this actor after each COMMIT (:class:`ChunksCommitted`). The
 notices carry ids, not vectors, and the writer drops them when this mailbox is full, so they
 are only *wake-ups*: the actor always catches up from the table itself, reading everything
-with ``seq`` above the index's ``highest_seq`` in one read transaction. A missed notice is
-therefore never a lost change: the next notice, or the poll every ``poll_s`` seconds, finds
-the gap and the same catch-up closes it.
+with ``seq`` above the index's ``highest_seq`` in one read transaction per round. A missed
+notice is therefore never a lost change: the next notice, or the poll every ``poll_s``
+seconds, finds the gap and the same catch-up closes it. Notices that arrive while a round is
+being applied coalesce into the next round, so the round size follows the ingest rate.
 
 Life cycle:
 
-* ``on_start`` (all blocking work in worker threads): take a connection with
-  ``db.cursor()``, load the newest snapshot from the index folder (``<db_path>.index/`` by
-  default) -- or rebuild from the table when there is none, it is damaged, or it claims a
-  ``seq`` the database never reached -- then catch up in bounded rounds, with progress logged
-  and snapshots taken along the way, so a long build killed halfway resumes from its last
-  snapshot instead of from zero.
-* ``run``: serves :class:`Knn` searches, micro-batched (all pending queries go into one
-  library call in a worker thread, as ``MicroBatcher`` does); follows notices; saves a
-  snapshot after ``snapshot_every_changes`` changes or ``snapshot_interval_s`` seconds.
-* ``on_stop``: saves a final snapshot if anything changed since the last one.
+* ``on_start`` only registers with the writer and opens a cursor: it returns at once, so
+  ``open_runtime`` never waits for an index (a rebuild of a million 768-d vectors takes
+  minutes).
+* ``run`` builds in the background -- load the newest snapshot from the index folder
+  (``<db_path>.index/`` by default), or rebuild from the table when there is none, it is
+  damaged, or it claims a ``seq`` the database never reached -- then catches up in bounded
+  rounds, with progress logged and snapshots taken along the way (a build killed halfway
+  resumes from its last snapshot). Until that first catch-up is done the actor is *not ready*:
+  it answers :class:`Knn` at once with ``ready=False`` and no hits, and the search planner
+  answers with an exact scan inside DuckDB instead (correct, slower). :class:`IndexStatus`
+  reports the phase and progress, :class:`AwaitReady` waits for the end of the build.
+* Then it follows the writer, serves :class:`Knn` searches micro-batched (all pending queries
+  go into one library call in a worker thread, as ``MicroBatcher`` does), and saves a
+  snapshot after enough changes or ``snapshot_interval_s`` seconds.
+* ``on_stop`` saves a final snapshot if anything changed since the last one -- unless the
+  build was still running or a round was cut short (stopping must be prompt; the build resumes
+  from its last snapshot).
 
-Threads and locks: the DuckDB connection has its own ``CapacityLimiter(1)``; the
-:class:`VectorIndex` has another, shared by searches and mutations, so the two never run in
-parallel on it. A snapshot save only reads the index; it excludes mutations with a lock but
-lets searches run beside it (hnswlib searches are read-only), so a long save does not stall
-search.
+Threads and locks: every DuckDB call and every index mutation, load, save and search runs in a
+worker thread; the actor's loop only moves messages. The DuckDB connection has its own
+``CapacityLimiter(1)``; the :class:`VectorIndex` has another, shared by searches and
+mutations, so the two never run in parallel on it. A round is applied in sub-batches of
+``apply_rows`` vectors, one thread call each, so a search waits for at most one sub-batch and a
+stop is seen between sub-batches. Snapshot loads and saves poll a stop flag while they hash
+(seconds at a million vectors). A snapshot save only reads the index; it excludes mutations
+with a lock but lets searches run beside it.
 
 Bad input (wrong dimension, NaN/inf, all-zero under cosine, ``k`` out of range) is refused
 with a typed error naming the field and never reaches the library; the actor stays up.
@@ -36,10 +47,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import duckdb
 import msgspec
@@ -47,17 +59,26 @@ import numpy as np
 import pyarrow as pa
 import trio
 
-from symbiote.actors._vector import SnapshotError, VectorIndex, VectorParams
+from symbiote.actors._threads import run_in_db_thread
+from symbiote.actors._vector import (
+    Interrupted,
+    SnapshotError,
+    VectorChecks,
+    VectorIndex,
+    VectorParams,
+)
 from symbiote.actors.database import Database
-from symbiote.runtime import Actor, ActorRef, Inbox, Request
+from symbiote.runtime import Actor, ActorRef, Busy, Inbox, Request
 from symbiote.schema.ddl import META_CHUNK_SEQ
-from symbiote.schema.errors import DeadlineExceeded, InvalidRecord, SymbioteError
+from symbiote.schema.errors import ConfigError, DeadlineExceeded, InvalidRecord, SymbioteError
 from symbiote.schema.messages import ChunksCommitted
 
 __all__ = [
+    "AwaitReady",
     "Followers",
     "Index",
     "IndexInfo",
+    "IndexPhase",
     "IndexSettings",
     "IndexStatus",
     "Knn",
@@ -67,7 +88,12 @@ __all__ = [
 
 log = logging.getLogger("symbiote.index")
 
+T = TypeVar("T")
+
 _PROGRESS_EVERY_S = 2.0
+
+IndexPhase = Literal["starting", "loading", "rebuilding", "catching_up", "ready"]
+"""Where the index actor is: its build phases, then ``ready`` (following the writer)."""
 
 
 # --------------------------------------------------------------------------- messages
@@ -82,17 +108,26 @@ class Knn(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class KnnHits(msgspec.Struct, frozen=True, kw_only=True):
-    """Nearest first. ``count`` is the index size and ``highest_seq`` its commit sequence."""
+    """Nearest first. ``count`` is the index size and ``highest_seq`` its commit sequence.
+
+    ``ready=False`` means the index is still being loaded or built: the lists are empty and
+    the caller must answer some other way (the planner scans exactly in DuckDB).
+    """
 
     chunk_ids: list[str]
     document_ids: list[str]
     distances: list[float]
     count: int
     highest_seq: int
+    ready: bool = True
 
 
 class IndexStatus(msgspec.Struct, frozen=True):
     """Ask for an :class:`IndexInfo`."""
+
+
+class AwaitReady(msgspec.Struct, frozen=True):
+    """Answered with an :class:`IndexInfo` once the index's build has caught up."""
 
 
 class SaveSnapshot(msgspec.Struct, frozen=True):
@@ -100,16 +135,29 @@ class SaveSnapshot(msgspec.Struct, frozen=True):
 
 
 class IndexInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """What the index holds and how it got there."""
+    """What the index holds and how it got there.
+
+    ``count`` is the number of indexed chunks, ``highest_seq`` the commit sequence they reflect
+    and ``target_seq`` the newest one the actor knows the table has reached (the lag is the
+    difference). ``building`` is True until the build after a start has caught up (then
+    ``ready``); ``phase`` says which step it is in, ``build_s`` how long it took.
+    """
 
     count: int
     highest_seq: int
+    target_seq: int
+    ready: bool
+    building: bool
+    phase: IndexPhase
+    build_s: float | None
     snapshot_seq: int | None
     changes_since_snapshot: int
     snapshots_saved: int
     loaded_snapshot: bool
     rebuilt: bool
     searches: int
+    #: Knn requests answered with ``ready=False`` while building.
+    searches_not_ready: int
     batches: int
     catchups: int
     notices: int
@@ -121,15 +169,37 @@ class IndexSettings(msgspec.Struct, frozen=True, kw_only=True):
     params: VectorParams
     #: Snapshot folder; None keeps the index in memory only (e.g. an in-memory database).
     directory: str | None
+    #: Snapshot after this many changes, or after ``snapshot_fraction`` of the index size if
+    #: that is more: saving costs ~1/40 of inserting the same vectors, so scaling the spacing
+    #: with the size keeps snapshots a few percent of the work at any size.
     snapshot_every_changes: int = 50_000
+    snapshot_fraction: float = 0.25
     snapshot_interval_s: float = 300.0
     #: Most changes read from the table per catch-up round (bounds memory during builds).
     catchup_rows: int = 20_000
+    #: Vectors per library call when applying a round: the longest a search waits behind a
+    #: catch-up, and how often a stop is noticed (~0.4 s at 768-d on 2 cores).
+    apply_rows: int = 1024
     #: How often the actor checks the table for commits whose notice was dropped.
     poll_s: float = 1.0
     #: Most queries in one library call, and most queued before the mailbox backs up.
     max_batch: int = 256
     max_pending: int = 1024
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool]] = [
+            ("snapshot_every_changes", self.snapshot_every_changes >= 1),
+            ("snapshot_fraction", 0.0 <= self.snapshot_fraction <= 10.0),
+            ("snapshot_interval_s", self.snapshot_interval_s > 0),
+            ("catchup_rows", self.catchup_rows >= 1),
+            ("apply_rows", self.apply_rows >= 1),
+            ("poll_s", self.poll_s > 0),
+            ("max_batch", self.max_batch >= 1),
+            ("max_pending", self.max_pending >= 1),
+        ]
+        for field, ok in checks:
+            if not ok:
+                raise ConfigError(f"{field} is out of range", field=field)
 
 
 class Followers:
@@ -186,7 +256,7 @@ def _arrow_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
 class Index(Actor):
     """The HNSW index actor; see the module docstring."""
 
-    accepts = (Knn, ChunksCommitted, IndexStatus, SaveSnapshot)
+    accepts = (Knn, ChunksCommitted, IndexStatus, SaveSnapshot, AwaitReady)
 
     def __init__(
         self, db: Database, settings: IndexSettings, *, followers: Followers | None = None
@@ -194,9 +264,11 @@ class Index(Actor):
         self.db = db
         self.settings = settings
         self._followers = followers
+        self._checks = VectorChecks(settings.params)
         self._con: duckdb.DuckDBPyConnection | None = None
         self._con_limiter = trio.CapacityLimiter(1)
         self._index_limiter = trio.CapacityLimiter(1)
+        self._save_limiter = trio.CapacityLimiter(1)
         # Mutations and snapshot saves exclude each other; searches only need the limiter.
         self._mutation = trio.Lock()
         self._index: VectorIndex | None = None
@@ -206,13 +278,23 @@ class Index(Actor):
         self._pending: list[Request] = []
         self._work = trio.Event()
         self._room = trio.Event()
+        self._waiters: list[Request] = []
+        # Set (from the trio thread) once the actor is being stopped; worker threads poll it.
+        self._stop = threading.Event()
+        self._phase: IndexPhase = "starting"
+        self._ready = False
+        # True while a round is half applied: the index then holds changes above its
+        # highest_seq, so it must not be saved as a snapshot of highest_seq.
+        self._round_open = False
         self._snapshot_seq: int | None = None
         self._changes_since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
+        self.build_s: float | None = None
         self.loaded_snapshot = False
         self.rebuilt = False
         self.snapshots_saved = 0
         self.searches = 0
+        self.searches_not_ready = 0
         self.batches = 0
         self.catchups = 0
         self.notices = 0
@@ -224,62 +306,33 @@ class Index(Actor):
             # Register before reading the table: a commit from now on either is in our
             # first catch-up or sends us a notice (or is found by the poll).
             self._followers.add(self.ref)
-        self._con = await trio.to_thread.run_sync(self.db.cursor, limiter=self._con_limiter)
-        high_water = await self._run_db(self._high_water)
-        index = await trio.to_thread.run_sync(self._load_snapshot, high_water)
-        if index is None:
-            index = VectorIndex(self.settings.params)
-            self.rebuilt = True
-        else:
-            self.loaded_snapshot = True
-            self._snapshot_seq = index.highest_seq
-            self._doc_of = await self._run_db(self._read_document_map)
-        self._index = index
-        self._target_seq = high_water
-        await self._catch_up(progress=True)
-        if self.rebuilt or self._changes_since_snapshot:
-            await self._save_snapshot()
-        log.info(
-            "index ready",
-            extra={"count": len(index), "highest_seq": index.highest_seq, "rebuilt": self.rebuilt},
-        )
+        # Nothing else here: the supervisor's start is shielded and blocks open_runtime, so
+        # the (possibly minutes long) load or rebuild happens in run(), in the background.
+        self._con = await run_in_db_thread(self.db.cursor, limiter=self._con_limiter)
 
     async def on_stop(self) -> None:
         try:
-            if self._index is not None and self._changes_since_snapshot:
-                await self._save_snapshot()
+            # A stop during the build, or in the middle of a round, skips the final save:
+            # stopping must be prompt, and the next start resumes from the last snapshot.
+            if (
+                self._index is not None
+                and self._ready
+                and not self._round_open
+                and self._changes_since_snapshot
+            ):
+                await self._save_snapshot(final=True)
         finally:
             con, self._con = self._con, None
             if con is not None:
-                await trio.to_thread.run_sync(_close_quietly, con, limiter=self._con_limiter)
-
-    def _load_snapshot(self, high_water: int) -> VectorIndex | None:
-        directory = self.settings.directory
-        if directory is None:
-            return None
-        try:
-            index = VectorIndex.load(directory, self.settings.params)
-        except SnapshotError as exc:
-            level = logging.INFO if exc.code == "snapshot_missing" else logging.WARNING
-            log.log(level, "no usable index snapshot, rebuilding from the table: %s", exc)
-            return None
-        if index.highest_seq > high_water:
-            # A snapshot ahead of the database belongs to another file (or the file was
-            # restored from an older copy): its contents cannot be trusted.
-            log.warning(
-                "index snapshot is at seq %d but the database at %d; rebuilding",
-                index.highest_seq,
-                high_water,
-            )
-            return None
-        return index
+                await run_in_db_thread(_close_quietly, con, limiter=self._con_limiter)
 
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self, inbox: Inbox) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._raise_stop_flag)
             nursery.start_soon(self._searcher)
-            nursery.start_soon(self._follower)
+            nursery.start_soon(self._maintain)
             nursery.start_soon(self._snapshotter)
             async for request in inbox:
                 await self._dispatch(request, nursery)
@@ -288,6 +341,14 @@ class Index(Actor):
                 for more in inbox.receive_nowait(self.settings.max_batch):
                     await self._dispatch(more, nursery)
             nursery.cancel_scope.cancel()
+
+    async def _raise_stop_flag(self) -> None:
+        # A worker thread cannot see a trio cancellation; this task sees it first (it sleeps
+        # at a checkpoint) and raises the flag that the long thread jobs poll.
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._stop.set()
 
     async def _dispatch(self, request: Request, nursery: trio.Nursery) -> None:
         msg = request.msg
@@ -299,6 +360,8 @@ class Index(Actor):
             request.reply(None)
         elif isinstance(msg, IndexStatus):
             request.reply(self.info())
+        elif isinstance(msg, AwaitReady):
+            self._await_ready(request)
         elif isinstance(msg, SaveSnapshot):
             # In a task of its own: a large save must not stop the mailbox.
             nursery.start_soon(self._answer_save, request)
@@ -307,18 +370,36 @@ class Index(Actor):
         await self._save_snapshot()
         request.reply(self.info())
 
+    def _await_ready(self, request: Request) -> None:
+        if self._ready:
+            request.reply(self.info())
+            return
+        # Bounded: callers that gave up leave, and past max_pending a new one is refused.
+        self._waiters = [r for r in self._waiters if not r.abandoned]
+        if len(self._waiters) >= self.settings.max_pending:
+            request.fail(Busy("too many callers waiting for the index build"))
+            return
+        self._waiters.append(request)
+
     def info(self) -> IndexInfo:
         """The current :class:`IndexInfo`."""
         index = self._index
+        highest = index.highest_seq if index is not None else 0
         return IndexInfo(
             count=len(index) if index is not None else 0,
-            highest_seq=index.highest_seq if index is not None else 0,
+            highest_seq=highest,
+            target_seq=max(self._target_seq, highest),
+            ready=self._ready,
+            building=not self._ready,
+            phase=self._phase,
+            build_s=self.build_s,
             snapshot_seq=self._snapshot_seq,
             changes_since_snapshot=self._changes_since_snapshot,
             snapshots_saved=self.snapshots_saved,
             loaded_snapshot=self.loaded_snapshot,
             rebuilt=self.rebuilt,
             searches=self.searches,
+            searches_not_ready=self.searches_not_ready,
             batches=self.batches,
             catchups=self.catchups,
             notices=self.notices,
@@ -327,15 +408,30 @@ class Index(Actor):
     # -- search ----------------------------------------------------------------------------
 
     async def _queue_search(self, request: Request, msg: Knn) -> None:
-        index = self._live_index()
         try:
             # Validated here, in the caller's turn, so one bad query fails alone and never
             # reaches the library (checks are pure functions of the params: microseconds).
-            vector = _checked_vector(msg.vector, index)
-            k = index.check_k(msg.k)
-            ef = index.check_ef(msg.ef)
+            vector = _checked_vector(msg.vector, self._checks)
+            k = self._checks.check_k(msg.k)
+            ef = self._checks.check_ef(msg.ef)
         except SymbioteError as exc:
             request.fail(exc)
+            return
+        if not self._ready:
+            # A partial index would give a wrong top-k: say so at once (without queueing
+            # behind the build) and let the caller scan exactly.
+            self.searches_not_ready += 1
+            index = self._index
+            request.reply(
+                KnnHits(
+                    chunk_ids=[],
+                    document_ids=[],
+                    distances=[],
+                    count=len(index) if index is not None else 0,
+                    highest_seq=index.highest_seq if index is not None else 0,
+                    ready=False,
+                )
+            )
             return
         request.msg = Knn(vector=vector, k=k, ef=ef)
         while len(self._pending) >= self.settings.max_pending:
@@ -404,14 +500,86 @@ class Index(Actor):
                 )
             )
 
-    # -- following the writer -------------------------------------------------------------
+    # -- build, then follow the writer -----------------------------------------------------
+
+    async def _maintain(self) -> None:
+        await self._build()
+        await self._follow()
+
+    async def _build(self) -> None:
+        """Load the newest snapshot (or start empty) and catch up; then declare ready."""
+        started = time.monotonic()
+        self._phase = "loading"
+        high_water = await self._run_db(self._high_water)
+        self._target_seq = max(self._target_seq, high_water)
+        index, loaded = await self._stoppable(self._load_snapshot, high_water)
+        self._index = index
+        if loaded:
+            self.loaded_snapshot = True
+            self._snapshot_seq = index.highest_seq
+            self._phase = "catching_up"
+            self._doc_of = await self._run_db(self._read_document_map)
+        else:
+            self.rebuilt = True
+            self._phase = "rebuilding"
+        log.info(
+            "index build started",
+            extra={
+                "phase": self._phase,
+                "indexed": len(index),
+                "highest_seq": index.highest_seq,
+                "target_seq": self._target_seq,
+            },
+        )
+        await self._catch_up(progress=True)
+        self.build_s = time.monotonic() - started
+        self._ready = True
+        self._phase = "ready"
+        waiters, self._waiters = self._waiters, []
+        info = self.info()
+        for request in waiters:
+            request.reply(info)
+        log.info(
+            "index ready",
+            extra={
+                "indexed": len(index),
+                "highest_seq": index.highest_seq,
+                "rebuilt": self.rebuilt,
+                "build_s": round(self.build_s, 3),
+            },
+        )
+        # After declaring ready: searches use the index while the snapshot is written.
+        if self.rebuilt or self._changes_since_snapshot:
+            await self._save_snapshot()
+
+    def _load_snapshot(self, high_water: int) -> tuple[VectorIndex, bool]:
+        """The snapshot's index and True, or an empty index and False (worker thread)."""
+        directory = self.settings.directory
+        params = self.settings.params
+        if directory is None:
+            return VectorIndex(params), False
+        try:
+            index = VectorIndex.load(directory, params, should_stop=self._stop.is_set)
+        except SnapshotError as exc:
+            level = logging.INFO if exc.code == "snapshot_missing" else logging.WARNING
+            log.log(level, "no usable index snapshot, rebuilding from the table: %s", exc)
+            return VectorIndex(params), False
+        if index.highest_seq > high_water:
+            # A snapshot ahead of the database belongs to another file (or the file was
+            # restored from an older copy): its contents cannot be trusted.
+            log.warning(
+                "index snapshot is ahead of the database; rebuilding",
+                extra={"snapshot_seq": index.highest_seq, "db_seq": high_water},
+            )
+            return VectorIndex(params), False
+        return index, True
 
     def _note_commit(self, high_seq: int) -> None:
         if high_seq > self._target_seq:
             self._target_seq = high_seq
             self._wake.set()
 
-    async def _follower(self) -> None:
+    async def _follow(self) -> None:
         while True:
             with trio.move_on_after(self.settings.poll_s):
                 await self._wake.wait()
@@ -420,8 +588,10 @@ class Index(Actor):
             if self._target_seq <= index.highest_seq:
                 # No notice (or only old ones): ask the table, in case a notice was dropped.
                 self._target_seq = max(self._target_seq, await self._run_db(self._high_water))
-            if self._target_seq > index.highest_seq:
-                await self._catch_up(progress=False)
+            lag = self._target_seq - index.highest_seq
+            if lag > 0:
+                # Far behind (a bulk load, a stall): log progress like a build does.
+                await self._catch_up(progress=lag > self.settings.catchup_rows)
 
     async def _catch_up(self, *, progress: bool) -> None:
         """Apply every committed change above ``highest_seq``, in bounded rounds."""
@@ -433,56 +603,80 @@ class Index(Actor):
         while True:
             after = index.highest_seq
             changes = await self._run_db(self._read_changes, after, self.settings.catchup_rows)
+            self._target_seq = max(self._target_seq, changes.high_water)
             if changes.upto <= after:
                 break
             if progress and total is None:
                 total = await self._run_db(self._count_changes, after)
-            async with self._mutation:
-                await trio.to_thread.run_sync(self._apply, changes, limiter=self._index_limiter)
-                # Counted under the lock, so a snapshot never misses a change it does not hold.
-                self._changes_since_snapshot += changes.size
+            await self._apply(changes)
             self.catchups += 1
             done += changes.size
-            self._target_seq = max(self._target_seq, changes.high_water)
             now = time.monotonic()
             if progress and now - last_log >= _PROGRESS_EVERY_S:
                 last_log = now
-                rate = done / max(now - started, 1e-9)
                 log.info(
-                    "index catch-up: %d of ~%d changes (%.0f/s), seq %d of %d",
-                    done,
-                    total or done,
-                    rate,
-                    index.highest_seq,
-                    changes.high_water,
+                    "index catch-up progress",
+                    extra={
+                        "phase": self._phase,
+                        "done": done,
+                        "total": total or done,
+                        "indexed": len(index),
+                        "highest_seq": index.highest_seq,
+                        "target_seq": self._target_seq,
+                        "rate_per_s": round(done / max(now - started, 1e-9)),
+                    },
                 )
-            if self._changes_since_snapshot >= self.settings.snapshot_every_changes:
+            if self._changes_since_snapshot >= self._snapshot_due(index):
                 await self._save_snapshot()
             if changes.upto >= changes.high_water:
                 break
         if progress and done:
             log.info(
-                "index caught up: %d changes in %.2f s, seq %d",
-                done,
-                time.monotonic() - started,
-                index.highest_seq,
+                "index caught up",
+                extra={
+                    "done": done,
+                    "seconds": round(time.monotonic() - started, 3),
+                    "indexed": len(index),
+                    "highest_seq": index.highest_seq,
+                },
             )
 
-    def _apply(self, changes: _Changes) -> None:
-        """Apply one round (worker thread, under the index limiter)."""
+    def _snapshot_due(self, index: VectorIndex) -> int:
+        fraction = int(len(index) * self.settings.snapshot_fraction)
+        return max(self.settings.snapshot_every_changes, fraction)
+
+    async def _apply(self, changes: _Changes) -> None:
+        """Apply one round: deletes, then upserts in sub-batches of ``apply_rows``."""
         index = self._live_index()
-        # Within a round each id has at most one row in ``chunks`` (its latest version), and
-        # any tombstone of an id that still has a row is older than that row; so deletes
-        # first, then upserts, gives the same end state as replaying in seq order.
-        if changes.deleted:
-            index.delete(changes.deleted)
-            doc_of = self._doc_of
-            for cid in changes.deleted:
-                doc_of.pop(cid, None)
-        if changes.ids:
-            index.add(changes.ids, changes.vectors)
-            self._doc_of.update(zip(changes.ids, changes.documents, strict=True))
-        index.advance_seq(changes.upto)
+        step = self.settings.apply_rows
+        async with self._mutation:
+            self._round_open = True
+            # Within a round each id has at most one row in ``chunks`` (its latest version),
+            # and any tombstone of an id that still has a row is older than that row; so
+            # deletes first, then upserts, gives the same end state as replaying in seq order.
+            if changes.deleted:
+                await self._run_index(self._apply_deletes, changes.deleted)
+            for start in range(0, len(changes.ids), step):
+                # One thread call per sub-batch: searches queued on the index limiter get
+                # their turn in between, and a stop is seen here.
+                await self._run_index(self._apply_upserts, changes, start, start + step)
+            index.advance_seq(changes.upto)
+            self._round_open = False
+            # Counted under the lock, so a snapshot never misses a change it does not hold.
+            self._changes_since_snapshot += changes.size
+
+    def _apply_deletes(self, deleted: list[str]) -> None:
+        """Worker thread, under the index limiter."""
+        self._live_index().delete(deleted)
+        doc_of = self._doc_of
+        for cid in deleted:
+            doc_of.pop(cid, None)
+
+    def _apply_upserts(self, changes: _Changes, start: int, end: int) -> None:
+        """Worker thread, under the index limiter."""
+        ids = changes.ids[start:end]
+        self._live_index().add(ids, changes.vectors[start:end])
+        self._doc_of.update(zip(ids, changes.documents[start:end], strict=True))
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -492,7 +686,7 @@ class Index(Actor):
             if self._changes_since_snapshot:
                 await self._save_snapshot()
 
-    async def _save_snapshot(self) -> None:
+    async def _save_snapshot(self, *, final: bool = False) -> None:
         directory = self.settings.directory
         index = self._index
         if directory is None or index is None:
@@ -502,23 +696,51 @@ class Index(Actor):
                 return
             started = time.monotonic()
             # No index limiter: a save only reads the index, and searches may run beside it;
-            # the mutation lock keeps changes out until it is done.
-            await trio.to_thread.run_sync(index.save, directory)
+            # the mutation lock keeps changes out until it is done. Only the final save (in
+            # on_stop, after the stop flag is up) must not give up half way.
+            should_stop = None if final else self._stop.is_set
+            await self._stoppable(
+                lambda: index.save(directory, should_stop=should_stop), limiter=self._save_limiter
+            )
             self._snapshot_seq = index.highest_seq
             self._changes_since_snapshot = 0
             self._last_snapshot_at = time.monotonic()
             self.snapshots_saved += 1
             log.info(
-                "index snapshot saved: %d vectors, seq %d, %.2f s",
-                len(index),
-                index.highest_seq,
-                self._last_snapshot_at - started,
+                "index snapshot saved",
+                extra={
+                    "indexed": len(index),
+                    "highest_seq": index.highest_seq,
+                    "seconds": round(self._last_snapshot_at - started, 3),
+                },
             )
 
-    # -- DuckDB (worker threads, our own connection) ---------------------------------------
+    # -- worker threads --------------------------------------------------------------------
 
-    async def _run_db(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._con_limiter)
+    async def _stoppable(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> T:
+        """Run a long job that polls the stop flag (snapshot load/save) in a worker thread."""
+        try:
+            return await run_in_db_thread(fn, *args, limiter=limiter or self._save_limiter)
+        except Interrupted:
+            # Only the stop flag raises this, and it goes up only once this task is
+            # cancelled: let the cancellation surface instead of a crash.
+            await trio.lowlevel.checkpoint()
+            raise
+
+    async def _run_index(self, fn: Callable[..., T], *args: Any) -> T:
+        # Index mutations are background work like DuckDB's: a lowered-priority thread, so
+        # two library threads on a 2-core machine do not starve the event loop.
+        return await run_in_db_thread(fn, *args, limiter=self._index_limiter)
+
+    async def _run_db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await run_in_db_thread(fn, *args, limiter=self._con_limiter)
+
+    # -- DuckDB (worker threads, our own connection) ---------------------------------------
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         assert self._con is not None, "index used before on_start"
@@ -563,16 +785,18 @@ class Index(Actor):
             vectors = np.empty((0, dim), dtype=np.float32)
             deleted: list[str] = []
             if high_water > after:
-                # Bound the round by the limit-th event (row or tombstone) after ``after``;
-                # only the seq columns are sorted, never the embeddings.
-                row = con.execute(
-                    "SELECT seq FROM (SELECT seq FROM chunks WHERE seq > $a AND seq <= $h"
-                    " UNION ALL SELECT seq FROM chunk_deletes WHERE seq > $a AND seq <= $h)"
-                    " ORDER BY seq LIMIT 1 OFFSET $n",
-                    {"a": after, "h": high_water, "n": limit - 1},
-                ).fetchone()
-                if row is not None:
-                    upto = int(row[0])
+                if high_water - after > limit:
+                    # Every change has its own seq, so a gap of at most ``limit`` seqs holds
+                    # at most ``limit`` changes and needs no bound; only a larger one is cut
+                    # at the limit-th event (only the seq columns are sorted).
+                    row = con.execute(
+                        "SELECT seq FROM (SELECT seq FROM chunks WHERE seq > $a AND seq <= $h"
+                        " UNION ALL SELECT seq FROM chunk_deletes WHERE seq > $a AND seq <= $h)"
+                        " ORDER BY seq LIMIT 1 OFFSET $n",
+                        {"a": after, "h": high_water, "n": limit - 1},
+                    ).fetchone()
+                    if row is not None:
+                        upto = int(row[0])
                 table = con.execute(
                     "SELECT chunk_id, document_id, embedding FROM chunks"
                     " WHERE seq > $a AND seq <= $u",
@@ -608,26 +832,26 @@ class Index(Actor):
     # -- helpers ---------------------------------------------------------------------------
 
     def _live_index(self) -> VectorIndex:
-        assert self._index is not None, "index used before on_start"
+        assert self._index is not None, "index used before it was loaded"
         return self._index
 
 
-def _checked_vector(vector: object, index: VectorIndex) -> np.ndarray:
+def _checked_vector(vector: object, checks: VectorChecks) -> np.ndarray:
     """One query vector, checked; a float32 ``(dim,)`` array (what the planner sends) costs
-    one dot product, anything else goes through the full :meth:`VectorIndex.check_vectors`."""
-    dim = index.params.dim
+    one dot product, anything else goes through the full :meth:`VectorChecks.check_vectors`."""
+    dim = checks.params.dim
     if (
         type(vector) is np.ndarray
         and vector.dtype == np.float32
         and vector.shape == (dim,)
-        and index.params.metric == "cosine"
+        and checks.params.metric == "cosine"
     ):
         norm2 = float(np.dot(vector, vector))
         # NaN/inf make the dot product NaN/inf; only the zero vector gives 0, which has no
         # direction under cosine.
         if math.isfinite(norm2) and norm2 > 0 and vector.flags.c_contiguous:
             return vector
-    vectors = index.check_vectors(vector, field="vector")
+    vectors = checks.check_vectors(vector, field="vector")
     if len(vectors) != 1:
         raise InvalidRecord("expected exactly one query vector", field="vector")
     out: np.ndarray = vectors[0]

@@ -14,6 +14,12 @@ HNSW, no filter) and ``sql`` (a reader: any read-only statement). Plans:
   ``max_fetch``) -> ``"exact"``: ``array_cosine_distance`` ORDER BY ... LIMIT k inside DuckDB
   over the rows the filter admits. Exact by construction.
 
+* **index not ready** (still loading or building after a start: the index answers
+  ``ready=False``) -> ``"exact"``: the same exact scan, with the filter or without. The
+  answer stays the true top-k while the index is built in the background; it costs a scan
+  of the table per query (O(rows), ~1 s per query at a million 768-d rows) until the index
+  is ready.
+
 The DuckDB check also makes the result follow the table exactly: a chunk deleted a moment
 ago but not yet out of the index is dropped by the check. ``rerank=True`` recomputes the
 distances of the candidates from the stored embeddings (the source of truth) and re-sorts.
@@ -287,6 +293,9 @@ class SearchPlanner:
             fetch = min(self.max_fetch, max(fetch, 2 * k))
         while True:
             hits = await self._knn(query, fetch, ef, deadline.left())
+            if not hits.ready:
+                exact = await self._exact(query, k, "TRUE", [], one_per_document, deadline)
+                return exact, "exact", 0
             cands = list(zip(hits.chunk_ids, hits.document_ids, hits.distances, strict=True))
             if rerank:
                 cands = await self._check(cands, "TRUE", [], query, deadline)
@@ -321,6 +330,9 @@ class SearchPlanner:
         fetch = max(fetch, k)
         while True:
             hits = await self._knn(query, fetch, ef, deadline.left())
+            if not hits.ready:
+                exact = await self._exact(query, k, clause, params, one_per_document, deadline)
+                return exact, "exact", 0
             cands = list(zip(hits.chunk_ids, hits.document_ids, hits.distances, strict=True))
             kept = await self._check(cands, clause, params, query if rerank else None, deadline)
             picked = _pick(kept, k, one_per_document)

@@ -82,7 +82,8 @@ class SearchHits(msgspec.Struct, frozen=True, kw_only=True):
 
     ``distances`` are cosine distances (``1 - cosine similarity``). ``plan`` says how the
     answer was found: ``"hnsw"`` (the index), ``"hnsw+filter"`` (index over-fetch checked
-    against DuckDB) or ``"exact"`` (a scan inside DuckDB). ``fetched`` is how many index
+    against DuckDB) or ``"exact"`` (a scan inside DuckDB: a very selective filter, or the
+    index is still being built after a start). ``fetched`` is how many index
     candidates were examined (0 for an exact scan). ``rows`` is filled when asked for.
     """
 

@@ -37,7 +37,8 @@ async def db_high_water(rt: Runtime) -> int:
 
 
 async def wait_indexed(rt: Runtime, limit_s: float = 5.0) -> None:
-    """Until the index has applied every committed chunk change."""
+    """Until the index is built and has applied every committed chunk change."""
+    await rt.wait_index_ready(timeout=limit_s)
     target = await db_high_water(rt)
     with trio.fail_after(limit_s):
         while (await rt.index_status()).highest_seq < target:  # noqa: ASYNC110 (polls actor state)
@@ -105,7 +106,7 @@ async def test_deletes_never_come_back(tmp_path: Path, loop_guard: LoopGuard) ->
         await _assert_absent(rt, gone[:100], range(0, 200, 2))
     # Restart with a snapshot that predates half of the deletes: catch-up replays them.
     async with open_runtime(config) as rt:
-        info = await rt.index_status()
+        info = await rt.wait_index_ready()
         assert info.loaded_snapshot and not info.rebuilt
         await _assert_absent(rt, gone[:100], range(0, 200, 2))
         await rt.delete_chunks(gone[100:])
@@ -140,7 +141,7 @@ async def test_damaged_snapshot_is_rebuilt_from_the_table(
         before = [(await rt.search(vector(i), k=5, ef=400)).chunk_ids for i in range(0, 300, 10)]
     await trio.to_thread.run_sync(_truncate_snapshot, config)
     async with open_runtime(config) as rt:
-        info = await rt.index_status()
+        info = await rt.wait_index_ready()
         assert info.rebuilt and info.count == 300
         after = [(await rt.search(vector(i), k=5, ef=400)).chunk_ids for i in range(0, 300, 10)]
     assert after == before
@@ -383,6 +384,11 @@ def test_blocking_search(tmp_path: Path) -> None:
             time.sleep(0.01)
         assert hits.chunk_ids[0] == chunk_for(42).chunk_id
         assert hits.rows is not None and hits.rows[0].text == "chunk 42"
+        assert rt.wait_index_ready().ready
+        for _ in range(200):
+            if rt.index_status().count == 100:
+                break
+            time.sleep(0.01)
         assert rt.index_status().count == 100
 
 

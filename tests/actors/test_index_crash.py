@@ -69,7 +69,8 @@ def _lines(log: Path) -> int:
 
 async def _observe(config: Config) -> tuple[IndexInfo, list[list[str]], set[str]]:
     async with open_runtime(config) as rt:
-        info = await rt.index_status()
+        # The index loads or rebuilds in the background; compare the finished ones.
+        info = await rt.wait_index_ready(timeout=120)
         rows = await rt.query("SELECT chunk_id FROM chunks", fmt="records")
         live = {r["chunk_id"] for r in rows}
         results = []
