@@ -45,6 +45,7 @@ from symbiote.schema.messages import (
     CorrectMessage,
     DeleteChunks,
     IngestMessages,
+    PersistMesh,
     UpsertChunks,
     UpsertDocuments,
     WriteAck,
@@ -150,7 +151,7 @@ class BatchResult(msgspec.Struct, kw_only=True):
 # --------------------------------------------------------------------------------------------
 # preparation: per-request validation and JSON encoding (so errors carry the request's paths)
 
-_Kind = Literal["messages", "documents", "chunks", "delete", "correct"]
+_Kind = Literal["messages", "documents", "chunks", "delete", "correct", "mesh"]
 
 
 @dataclass(slots=True)
@@ -169,6 +170,8 @@ class _Prepared:
     # A correction: the message's key and its new column values (JSON already encoded).
     event_id: str = ""
     changes: dict[str, Any] = field(default_factory=dict)
+    # Mesh state to store (rows, grants, peers, keys, trust): the mesh actor's request.
+    mesh: PersistMesh | None = None
     #: A merged group of message requests, validated together: (request index, its
     #: messages) for each. None for a prepared single request.
     parts: list[tuple[int, tuple[Message, ...]]] | None = None
@@ -182,6 +185,8 @@ class _Prepared:
     @property
     def size(self) -> int:
         n = len(self.messages) + len(self.documents) + len(self.chunks) + len(self.ids)
+        if self.mesh is not None:
+            n += self.mesh.size()
         return n + (self.kind == "correct")
 
 
@@ -278,6 +283,9 @@ def prepare_request(
                     f"expected a non-empty str, got {chunk_id!r:.40}", field=f"chunk_ids[{i}]"
                 )
         return _Prepared(index, "delete", ids=ids)
+    if isinstance(request, PersistMesh):
+        _check_mesh(request, limits)
+        return _Prepared(index, "mesh", mesh=request)
     raise WrongMessage(f"the writer does not accept {type(request).__name__}", field="request")
 
 
@@ -675,6 +683,181 @@ def _write_chunks(
 
 
 # --------------------------------------------------------------------------------------------
+# mesh state (the mesh actor's PersistMesh requests; tables from schema.mesh.MESH_DDL)
+
+_BIN: Final = pa.binary()
+_I64: Final = pa.int64()
+#: Largest payload one stored mesh row may carry (a row's own cap is 64 KiB by default).
+_MAX_MESH_PAYLOAD: Final = 16 << 20
+
+
+def _check_mesh(request: PersistMesh, limits: Limits) -> None:
+    if request.size() > limits.max_rows_per_request:
+        raise TooLarge(
+            f"{request.size()} records, more than {limits.max_rows_per_request}", field="rows"
+        )
+    for i, row in enumerate(request.rows):
+        if not row.origin or row.seq < 1:
+            raise InvalidRecord("needs an origin and a seq >= 1", field=f"rows[{i}]")
+        if len(row.payload) > _MAX_MESH_PAYLOAD:
+            raise TooLarge(f"payload over {_MAX_MESH_PAYLOAD} bytes", field=f"rows[{i}].payload")
+
+
+def _ts_of(unix_s: int | None) -> _dt.datetime | None:
+    return None if unix_s is None else _dt.datetime.fromtimestamp(unix_s, _dt.UTC)
+
+
+def _write_mesh(
+    con: duckdb.DuckDBPyConnection, preps: list[_Prepared], now: _dt.datetime
+) -> dict[int, WriteAck]:
+    """Upsert every table a group of PersistMesh requests touches; one statement per table.
+
+    Within the group the last version of a key wins (one upsert statement may not touch a key
+    twice). Rows: a copy of a held row replaces its key id and signature only when the
+    content is the same (a re-signed row); other content under a held ``(origin, seq)`` is
+    ignored, so the first version stays.
+    """
+    reqs = [p.mesh for p in preps if p.mesh is not None]
+    rows = list({(r.origin, r.seq): r for m in reqs for r in m.rows}.values())
+    if rows:
+        _insert_arrow(
+            con,
+            "INSERT INTO mesh_rows",
+            "_symbiote_mesh_rows",
+            pa.table(
+                {
+                    "origin": _col("origin", [r.origin for r in rows], _STR),
+                    "seq": _col("seq", [r.seq for r in rows], _I64),
+                    "hlc_wall_ms": _col("hlc_wall_ms", [r.hlc.wall_ms for r in rows], _I64),
+                    "hlc_logical": _col("hlc_logical", [r.hlc.logical for r in rows], pa.int32()),
+                    "kind": _col("kind", [r.kind for r in rows], _STR),
+                    "payload": _col("payload", [r.payload for r in rows], _BIN),
+                    "key_id": _col("key_id", [r.key_id for r in rows], _STR),
+                    "signature": _col("signature", [r.signature for r in rows], _BIN),
+                    "received_at": _col("received_at", [now] * len(rows), _TS),
+                }
+            ),
+            "INSERT INTO mesh_rows SELECT origin, seq, hlc_wall_ms, hlc_logical, kind, payload,"
+            " key_id, signature, received_at FROM _symbiote_mesh_rows"
+            " ON CONFLICT (origin, seq) DO UPDATE SET key_id = excluded.key_id,"
+            " signature = excluded.signature"
+            " WHERE mesh_rows.payload = excluded.payload AND mesh_rows.kind = excluded.kind"
+            " AND mesh_rows.hlc_wall_ms = excluded.hlc_wall_ms"
+            " AND mesh_rows.hlc_logical = excluded.hlc_logical",
+        )
+    grants = list({(g.granter, g.row_seq): g for m in reqs for g in m.grants}.values())
+    if grants:
+        _insert_arrow(
+            con,
+            "INSERT INTO grants",
+            "_symbiote_grants",
+            pa.table(
+                {
+                    "granter": _col("granter", [g.granter for g in grants], _STR),
+                    "grantee": _col("grantee", [g.grantee for g in grants], _STR),
+                    "row_seq": _col("row_seq", [g.row_seq for g in grants], _I64),
+                    "tags": _col("tags", [g.tags for g in grants], _STR_LIST),
+                    "permissions": _col("permissions", [g.permissions for g in grants], _STR_LIST),
+                    "redact": _col("redact", [g.redact for g in grants], _STR_LIST),
+                    "expires_at": _col("expires_at", [_ts_of(g.expires_at) for g in grants], _TS),
+                    "signature": _col("signature", [g.signature for g in grants], _BIN),
+                }
+            ),
+            "INSERT OR REPLACE INTO grants BY NAME SELECT * FROM _symbiote_grants",
+        )
+    peers = list({r.peer_id: r for m in reqs for r in m.peers}.values())
+    if peers:
+        _insert_arrow(
+            con,
+            "INSERT INTO peers",
+            "_symbiote_peers",
+            pa.table(
+                {
+                    "peer_id": _col("peer_id", [r.peer_id for r in peers], _STR),
+                    "addrs": _col("addrs", [r.addrs for r in peers], _STR_LIST),
+                    "status": _col("status", [r.status for r in peers], _STR),
+                    "incarnation": _col("incarnation", [r.incarnation for r in peers], _I64),
+                    "genesis_key": _col("genesis_key", [r.genesis_key for r in peers], _BIN),
+                    "pretrusted": _col("pretrusted", [r.pretrusted for r in peers], pa.bool_()),
+                    "seen_at": _col("seen_at", [r.seen_at for r in peers], _TS),
+                }
+            ),
+            # first_seen is kept; a key learnt once is not forgotten by a later empty one.
+            "INSERT INTO peers SELECT peer_id, addrs, status, incarnation, genesis_key,"
+            " pretrusted, seen_at, seen_at FROM _symbiote_peers"
+            " ON CONFLICT (peer_id) DO UPDATE SET addrs = excluded.addrs,"
+            " status = excluded.status, incarnation = excluded.incarnation,"
+            " genesis_key = CASE WHEN octet_length(excluded.genesis_key) > 0"
+            " THEN excluded.genesis_key ELSE peers.genesis_key END,"
+            " pretrusted = excluded.pretrusted, last_seen = excluded.last_seen",
+        )
+    keys = list({(k.peer_id, k.key_id): k for m in reqs for k in m.peer_keys}.values())
+    if keys:
+        _insert_arrow(
+            con,
+            "INSERT INTO peer_keys",
+            "_symbiote_peer_keys",
+            pa.table(
+                {
+                    "peer_id": _col("peer_id", [k.peer_id for k in keys], _STR),
+                    "key_id": _col("key_id", [k.key_id for k in keys], _STR),
+                    "public_key": _col("public_key", [k.public_key for k in keys], _BIN),
+                    "rotation_seq": _col(
+                        "rotation_seq", [k.rotation_seq for k in keys], pa.int32()
+                    ),
+                    "valid_from": _col("valid_from", [_ts_of(k.valid_from) for k in keys], _TS),
+                    "expired_at": _col("expired_at", [_ts_of(k.expired_at) for k in keys], _TS),
+                    "rotation": _col("rotation", [k.rotation for k in keys], _BIN),
+                }
+            ),
+            "INSERT OR REPLACE INTO peer_keys BY NAME SELECT * FROM _symbiote_peer_keys",
+        )
+    edges = list({(e.from_peer, e.to_peer): e for m in reqs for e in m.trust_edges}.values())
+    if edges:
+        _insert_arrow(
+            con,
+            "INSERT INTO trust_edges",
+            "_symbiote_trust_edges",
+            pa.table(
+                {
+                    "from_peer": _col("from_peer", [e.from_peer for e in edges], _STR),
+                    "to_peer": _col("to_peer", [e.to_peer for e in edges], _STR),
+                    "satisfactory": _col("satisfactory", [e.satisfactory for e in edges], _I64),
+                    "unsatisfactory": _col(
+                        "unsatisfactory", [e.unsatisfactory for e in edges], _I64
+                    ),
+                    "updated_at": _col("updated_at", [now] * len(edges), _TS),
+                }
+            ),
+            "INSERT OR REPLACE INTO trust_edges BY NAME SELECT * FROM _symbiote_trust_edges",
+        )
+    scored = [m for m in reqs if m.trust_scores]
+    if scored:
+        latest = scored[-1]
+        at = latest.scores_at or now
+        _insert_arrow(
+            con,
+            "INSERT INTO trust_scores",
+            "_symbiote_trust_scores",
+            pa.table(
+                {
+                    "peer_id": _col("peer_id", [t.peer_id for t in latest.trust_scores], _STR),
+                    "score": _col("score", [t.score for t in latest.trust_scores], pa.float64()),
+                    "computed_at": _col("computed_at", [at] * len(latest.trust_scores), _TS),
+                }
+            ),
+            "INSERT OR REPLACE INTO trust_scores BY NAME SELECT * FROM _symbiote_trust_scores",
+        )
+        _exec(
+            con,
+            "DELETE FROM trust_scores",
+            "DELETE FROM trust_scores WHERE computed_at < ?",
+            [at],
+        )
+    return {p.index: WriteAck(written=p.size) for p in preps}
+
+
+# --------------------------------------------------------------------------------------------
 # transactions
 
 
@@ -698,6 +881,7 @@ def _attempt(
     doc_preps = [p for p in preps if p.kind == "documents"]
     chunk_preps = [p for p in preps if p.kind in ("chunks", "delete")]
     fix_preps = [p for p in preps if p.kind == "correct"]
+    mesh_preps = [p for p in preps if p.kind == "mesh"]
     _exec(con, "BEGIN", "BEGIN TRANSACTION")
     try:
         if msg_preps:
@@ -714,6 +898,8 @@ def _attempt(
             acks.update(chunk_acks)
             if changes:
                 high = max(c.seq for c in changes)
+        if mesh_preps:
+            acks.update(_write_mesh(con, mesh_preps, now))
         _exec(con, "COMMIT", "COMMIT")
     except BaseException:
         _rollback(con)

@@ -38,6 +38,7 @@ from symbiote.schema.messages import (
     CorrectMessage,
     DeleteChunks,
     IngestMessages,
+    PersistMesh,
     UpsertChunks,
     UpsertDocuments,
     WriteAck,
@@ -62,13 +63,22 @@ def request_rows(msg: Any) -> int:
         return len(msg.chunks)
     if isinstance(msg, DeleteChunks):
         return len(msg.chunk_ids)
+    if isinstance(msg, PersistMesh):
+        return max(1, msg.size())
     return 1
 
 
 class Writer(Actor):
     """Group-committing owner of the database; see the module docstring."""
 
-    accepts = (IngestMessages, UpsertDocuments, UpsertChunks, DeleteChunks, CorrectMessage)
+    accepts = (
+        IngestMessages,
+        UpsertDocuments,
+        UpsertChunks,
+        DeleteChunks,
+        CorrectMessage,
+        PersistMesh,
+    )
 
     def __init__(
         self,

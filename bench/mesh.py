@@ -1,15 +1,19 @@
 """Mesh benchmark (issue 6): membership and row anti-entropy at 10 and 50 nodes.
 
-    python bench/mesh.py --quick     # in-memory network, virtual time, < 60 s on 2 cores
-    python bench/mesh.py             # more trials, longer windows, plus a TLS loopback run
+    python bench/mesh.py --quick     # < 60 s on 2 cores
+    python bench/mesh.py             # more trials, longer windows
 
 What runs where. The protocol figures (rounds, bytes, false deaths) are measured on the
 in-memory network (``MemoryNetwork``) under ``trio.testing.MockClock``: the same SwimNode and
 RowSync code as on TCP, with memberlist's LAN timers (probe 1 s, gossip 200 ms to 3 nodes,
 push/pull 30 s) in *virtual* time, so the figures are protocol properties, not CPU speed of a
 shared 2-core machine. 50 TLS nodes in one Python process on 2 cores would measure the
-scheduler, not the protocol. The full run adds a real TLS-on-loopback run (10 nodes, timers
+scheduler, not the protocol. Every run adds a real TLS-on-loopback run (10 nodes, timers
 x 1/5) as a cross-check; its rows are labelled ``tls-loopback``.
+
+Federated search runs for real: six runtimes in this process (own DuckDB file, index actor,
+mesh actor on TLS over loopback each); five peers hold a generated index each and grant the
+sixth a search; the sixth asks all five at once, and the same query locally.
 
 Figures (last stdout line, ``{"bench": "mesh", ...}``):
 - ``converge_rounds_N``: N nodes join through one seed at once; gossip rounds (200 ms) until
@@ -20,23 +24,31 @@ Figures (last stdout line, ``{"bench": "mesh", ...}``):
   digests, framed MessagePack as on TCP, TLS overhead excluded) at 50 over at 10. Goal <= 2.0.
 - ``false_deaths``: live nodes declared dead by anyone, over every run. Goal 0.
 - ``row_rounds_p99_50``: sync rounds (1 s) for a new row to reach all 50 nodes (p99).
-- ``fed_search_p99_ms`` / ``local_search_p99_ms``: null, federated search is not built yet.
+- ``fed_search_p99_ms``: one ``federated_search`` (k = 10, tags ["ai"]) to 5 peers over TLS
+  loopback, merged with the local part; p99 over the queries. ``local_search_p99_ms``: the
+  same query answered locally the way a peer answers it (``search`` with the tag filter and
+  rows). ``fed_vs_local_p99_ratio``: their ratio, same run. All six runtimes share 2 cores,
+  so the federated figure includes five peers' work done on the same machine.
+- ``tls_loopback_converge_rounds_10``: gossip rounds (40 ms) for 10 TLS nodes to converge.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
 import trio.testing
-from _common import emit_json, percentile, print_table
+from _common import clustered_unit_vectors, emit_json, percentile, print_table
 
 from symbiote.actors.mesh.antientropy import RowSync
 from symbiote.actors.mesh.identity import NodeIdentity
@@ -220,7 +232,126 @@ async def scenario(
     return out
 
 
-async def tls_loopback(n: int) -> dict[str, Any]:
+async def fed_search(n_peers: int, chunks: int, dim: int, queries: int) -> dict[str, Any]:
+    """Federated search through real runtimes over TLS loopback, against the same query local."""
+    with tempfile.TemporaryDirectory(prefix="symbiote-bench-mesh-") as tmpdir:
+        return await _fed_search_in(Path(tmpdir), n_peers, chunks, dim, queries)
+
+
+async def _fed_search_in(
+    tmp: Path, n_peers: int, chunks: int, dim: int, queries: int
+) -> dict[str, Any]:
+    import os
+
+    from symbiote.actors.mesh.pki import MeshCA
+    from symbiote.runtime import Config, open_runtime
+    from symbiote.schema.records import Chunk, Document
+
+    ca = MeshCA.generate("bench-fed")
+    (tmp / "ca.crt").write_bytes(ca.certificate_pem)
+    fd = os.open(tmp / "ca.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(ca.private_key_pem())
+    swim = SwimConfig(
+        probe_interval=0.5, probe_timeout=0.25, gossip_interval=0.1, push_pull_interval=5.0
+    )
+
+    def config(name: str) -> Config:
+        return Config(
+            db_path=str(tmp / f"{name}.duckdb"),
+            dim=dim,
+            readers=2,
+            partition_enabled=False,
+            mesh_enabled=True,
+            mesh_listen="127.0.0.1:0",
+            mesh_ca_cert_path=str(tmp / "ca.crt"),
+            mesh_ca_key_path=str(tmp / "ca.key"),
+            mesh_swim=swim,
+            mesh_sync=RowSyncConfig(sync_interval=0.1),
+            mesh_trust=TrustConfig(report_interval=None),
+        )
+
+    def corpus(seed: int) -> tuple[list[Document], list[Chunk]]:
+        vecs = clustered_unit_vectors(chunks, dim, seed=seed)
+        n_docs = max(1, chunks // 4)
+        docs = [
+            Document(
+                id=f"n{seed}-d{i}",
+                doc_type="post",
+                title=f"post {i}",
+                slug=f"n{seed}-d{i}",
+                status="published",
+                authors=("Alice Martin",),
+                tags=("ai",) if i % 2 == 0 else ("private",),
+            )
+            for i in range(n_docs)
+        ]
+        cks = [
+            Chunk(
+                chunk_id=f"n{seed}-d{i % n_docs}:{i}",
+                document_id=f"n{seed}-d{i % n_docs}",
+                text=f"chunk {i} by Alice Martin",
+                embedding=vecs[i],
+            )
+            for i in range(chunks)
+        ]
+        return docs, cks
+
+    fed_ms: list[float] = []
+    local_ms: list[float] = []
+    missing = 0
+    hits_from: set[str] = set()
+    async with contextlib.AsyncExitStack() as stack:
+        asker = await stack.enter_async_context(open_runtime(config("asker")))
+        peers = [
+            await stack.enter_async_context(open_runtime(config(f"peer{i}")))
+            for i in range(n_peers)
+        ]
+        asker_id = (await asker.mesh_status()).peer_id
+        for i, rt in enumerate([asker, *peers]):
+            docs, cks = corpus(10 + i)
+            await rt.upsert_documents(docs)
+            for start in range(0, len(cks), 1000):
+                await rt.upsert_chunks(cks[start : start + 1000])
+        seed_addr = (await asker.mesh_status()).addr
+        for rt in peers:
+            await rt.mesh_join([seed_addr])
+            await rt.grant(asker_id, ["ai"])
+        with trio.fail_after(30):
+            while len((await asker.mesh_status()).grants_to_me) < n_peers:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        for rt in [asker, *peers]:  # the index actor caught up with every chunk
+            with trio.fail_after(60):
+                while (await rt.index_status()).count < chunks:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+        qs = clustered_unit_vectors(queries + 10, dim, seed=99)
+        for q in qs[:10]:  # warm-up: connections, caches
+            await asker.federated_search(q, 10, tags=["ai"], deadline=2.0)
+            await asker.search(q, 10, where={"tags": ["ai"]}, with_rows=True)
+        for q in qs[10:]:
+            t0 = time.perf_counter()
+            res = await asker.federated_search(q, 10, tags=["ai"], deadline=2.0)
+            fed_ms.append((time.perf_counter() - t0) * 1000)
+            missing += len(res.missing) + len(res.refused)
+            hits_from.update(h.origin for h in res.hits)
+            t0 = time.perf_counter()
+            await asker.search(q, 10, where={"tags": ["ai"]}, with_rows=True)
+            local_ms.append((time.perf_counter() - t0) * 1000)
+    return {
+        "peers": n_peers,
+        "chunks_per_node": chunks,
+        "dim": dim,
+        "queries": queries,
+        "fed_p50_ms": percentile(fed_ms, 50),
+        "fed_p99_ms": percentile(fed_ms, 99),
+        "local_p50_ms": percentile(local_ms, 50),
+        "local_p99_ms": percentile(local_ms, 99),
+        "peers_missing_or_refused": missing,
+        "origins_in_hits": len(hits_from),
+    }
+
+
+async def tls_loopback(n: int, settle_s: float = 3.0) -> dict[str, Any]:
     """Real TLS 1.3 on loopback, timers x 1/5 of LAN: converge time and false deaths."""
     from symbiote.actors.mesh.pki import MeshCA, NodeCredentials
     from symbiote.actors.mesh.transport import TcpTransport
@@ -259,7 +390,7 @@ async def tls_loopback(n: int) -> dict[str, Any]:
             while not converged():  # noqa: ASYNC110 (polls protocol state)
                 await trio.sleep(0.01)
         took = time.perf_counter() - t0 if converged() else None
-        await trio.sleep(3.0)
+        await trio.sleep(settle_s)
         deaths = sum(1 for x in nodes for e in x.events if e.status == "dead")
         nursery.cancel_scope.cancel()
     return {
@@ -347,26 +478,33 @@ def main() -> None:
     ratio = figs[50]["bytes_per_node_s"] / figs[10]["bytes_per_node_s"]
     false_deaths = figs[10]["false_deaths"] + figs[50]["false_deaths"]
 
-    tls: dict[str, Any] | None = None
-    if not quick:
-        tls = trio.run(tls_loopback, 10)
-        false_deaths += tls["false_deaths"]
-        print_table(
-            [{"network": "tls-loopback (real time, timers x 1/5)", "nodes": 10, **tls}],
-            title="Cross-check on real TLS sockets",
-        )
+    tls = trio.run(tls_loopback, 10, 2.0 if quick else 5.0)
+    false_deaths += tls["false_deaths"]
+    print_table(
+        [{"network": "tls-loopback (real time, timers x 1/5)", "nodes": 10, **tls}],
+        title="Cross-check on real TLS sockets",
+    )
+    fed = trio.run(fed_search, 5, 2000 if quick else 10_000, 64, 100 if quick else 400)
+    ratio_fed = fed["fed_p99_ms"] / fed["local_p99_ms"]
+    print_table(
+        [{**fed, "fed_vs_local_p99_ratio": ratio_fed}],
+        title="Federated search: 5 peers over TLS loopback vs the same query local "
+        "(6 runtimes, one process, 2 cores)",
+    )
 
     goals = [
         ("converge_rounds_50", figs[50]["converge_rounds"], "<= 13"),
         ("update_rounds_p99_50", figs[50]["update_rounds_p99"], "<= 9"),
         ("bytes_per_node_ratio_50_vs_10", ratio, "<= 2.0"),
         ("false_deaths", false_deaths, "0"),
-        ("fed_search_p99_ms", None, "not built (needs the index actor)"),
-        ("local_search_p99_ms", None, "not built (needs the index actor)"),
+        ("fed_search_p99_ms", fed["fed_p99_ms"], "-"),
+        ("local_search_p99_ms", fed["local_p99_ms"], "-"),
+        ("fed_vs_local_p99_ratio", ratio_fed, "-"),
+        ("tls_loopback_converge_rounds_10", tls["converge_rounds"], "-"),
     ]
     print_table(
         [{"figure": k, "value": v, "goal": g} for k, v, g in goals],
-        title="Issue 6 figures (measured on the in-memory network, virtual time)",
+        title="Issue 6 figures (protocol: in-memory network, virtual time; search: TLS loopback)",
     )
     print(f"\nwall time {time.perf_counter() - wall0:.1f} s")
     figures: dict[str, Any] = {
@@ -383,12 +521,18 @@ def main() -> None:
         "bytes_per_node_s_50": figs[50]["bytes_per_node_s"],
         "bytes_per_node_ratio_50_vs_10": ratio,
         "false_deaths": false_deaths,
-        "fed_search_p99_ms": None,
-        "local_search_p99_ms": None,
-        "fed_search_note": "not built: federated search needs the index actor",
+        "fed_search_p99_ms": fed["fed_p99_ms"],
+        "local_search_p99_ms": fed["local_p99_ms"],
+        "fed_vs_local_p99_ratio": ratio_fed,
+        "fed_search_p50_ms": fed["fed_p50_ms"],
+        "local_search_p50_ms": fed["local_p50_ms"],
+        "fed_peers": fed["peers"],
+        "fed_chunks_per_node": fed["chunks_per_node"],
+        "fed_peers_missing_or_refused": fed["peers_missing_or_refused"],
+        "tls_loopback_converge_rounds_10": tls["converge_rounds"],
+        "tls_loopback_converge_s_10": tls["converge_s"],
+        "tls_loopback_false_deaths_10": tls["false_deaths"],
     }
-    if tls is not None:
-        figures["tls_loopback_converge_rounds_10"] = tls["converge_rounds"]
     emit_json("mesh", figures)
 
 

@@ -18,6 +18,14 @@ from typing import Any, Literal
 import msgspec
 
 from symbiote.schema.errors import ConfigError
+from symbiote.schema.mesh import (
+    MAX_FED_HITS,
+    RowSyncConfig,
+    SwimConfig,
+    TransportConfig,
+    TrustConfig,
+    check_redact_fields,
+)
 
 __all__ = ["Config"]
 
@@ -137,6 +145,61 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_moves_per_round: int = 2
     maintenance_mailbox: int = 64
 
+    # -- the mesh (the mesh actor; docs/mesh.md) ------------------------------------------
+    #: Join a mesh of supervisors. Off by default: ``symbiote run`` is then a purely local,
+    #: embedded database with no socket open.
+    mesh_enabled: bool = False
+    #: Mesh name exchanged in the handshake (and checked against the bootstrap file).
+    mesh_name: str = "default"
+    #: "host:port" to listen on (port 0: any free port); "[v6]:port" for IPv6.
+    mesh_listen: str = "127.0.0.1:7946"
+    #: "host:port" announced to peers; empty: the bound address.
+    mesh_advertise: str = ""
+    #: This node's Ed25519 key file (created with mode 0600 if missing); empty means
+    #: ``<db_path>.mesh/node.key``.
+    mesh_key_path: str = ""
+    #: The mesh CA certificate (PEM): peers must hold a certificate it signed.
+    mesh_ca_cert_path: str = ""
+    #: This node's certificate (PEM); empty means ``<db_path>.mesh/node.crt``. Issued at
+    #: start from ``mesh_ca_key_path`` when missing or for another key.
+    mesh_cert_path: str = ""
+    #: The network key (the CA's private key, PEM, mode 0600). Only needed to issue this
+    #: node's certificate; keep it off nodes that have theirs.
+    mesh_ca_key_path: str = ""
+    #: ``.well-known/egregora-peers.json``: seeds, their keys, the pre-trusted peers.
+    mesh_bootstrap_path: str = ""
+    #: Fields this node blanks from every federated answer (grants may add more):
+    #: ``authors`` (also their names in text and title), ``title``, ``text``, ``metadata``,
+    #: ``metadata.<key>``. Environment: comma-separated.
+    mesh_redact: tuple[str, ...] = ("authors",)
+    #: Default deadline of a federated search; peers slower than this are reported missing.
+    mesh_fed_deadline_s: float = 1.0
+    #: Largest k of a federated search, asked or answered.
+    mesh_fed_max_hits: int = 50
+    #: Most peers one federated search asks.
+    mesh_fed_max_peers: int = 16
+    #: Federated searches answered at once for one peer and for all peers (beyond: busy).
+    mesh_fed_inflight_per_peer: int = 4
+    mesh_fed_inflight: int = 32
+    #: Federated searches this node runs at once (beyond: Busy).
+    mesh_fed_max_outgoing: int = 64
+    #: Chunk text in a federated answer is cut to this many characters.
+    mesh_fed_max_text_chars: int = 2000
+    mesh_mailbox: int = 256
+    #: Received rows waiting to be committed; beyond, new rows are refused until the writer
+    #: catches up (anti-entropy asks again).
+    mesh_persist_backlog: int = 100_000
+    #: Seconds between writes of peers and trust state (when changed).
+    mesh_state_interval_s: float = 5.0
+    #: Seconds between join attempts while no member is alive.
+    mesh_join_retry_s: float = 10.0
+    #: Protocol timers and bounds (TOML tables ``[mesh_swim]`` etc.; see schema.mesh). The
+    #: transport's host, port, advertise and mesh come from the fields above.
+    mesh_swim: SwimConfig = msgspec.field(default_factory=SwimConfig)
+    mesh_sync: RowSyncConfig = msgspec.field(default_factory=RowSyncConfig)
+    mesh_trust: TrustConfig = msgspec.field(default_factory=TrustConfig)
+    mesh_transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
+
     def __post_init__(self) -> None:
         _at_least(self.dim, 1, "dim")
         _at_least(self.readers, 1, "readers")
@@ -202,6 +265,47 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         if not self.db_path:
             raise ConfigError("must name a file", field="db_path")
         self._check_partitioning()
+        self._check_mesh()
+
+    def _check_mesh(self) -> None:
+        for name in ("mesh_listen", "mesh_advertise"):
+            value = getattr(self, name)
+            if value or name == "mesh_listen":
+                _check_addr(value, name)
+        if not 1 <= len(self.mesh_name) <= 200:
+            raise ConfigError("must be 1..200 characters", field="mesh_name")
+        check_redact_fields(self.mesh_redact, "mesh_redact")
+        for name in (
+            "mesh_fed_max_peers",
+            "mesh_fed_inflight_per_peer",
+            "mesh_fed_inflight",
+            "mesh_fed_max_outgoing",
+            "mesh_fed_max_text_chars",
+            "mesh_mailbox",
+            "mesh_persist_backlog",
+        ):
+            _at_least(getattr(self, name), 1, name)
+        if not isinstance(self.mesh_fed_max_hits, int) or not (
+            1 <= self.mesh_fed_max_hits <= MAX_FED_HITS
+        ):
+            raise ConfigError(f"must be in 1..{MAX_FED_HITS}", field="mesh_fed_max_hits")
+        for name in ("mesh_fed_deadline_s", "mesh_state_interval_s", "mesh_join_retry_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"must be a finite number > 0, got {value!r}", field=name)
+        if self.mesh_fed_deadline_s > 30:
+            raise ConfigError("must be at most 30 s", field="mesh_fed_deadline_s")
+        if not self.mesh_enabled:
+            return
+        if not self.mesh_ca_cert_path:
+            raise ConfigError(
+                "the mesh needs its CA certificate (the network's public key)",
+                field="mesh_ca_cert_path",
+            )
+        if self.db_path.startswith(":memory:") and not self.mesh_key_path:
+            raise ConfigError(
+                "an in-memory database needs an explicit node key file", field="mesh_key_path"
+            )
 
     def _check_partitioning(self) -> None:
         _at_least(self.keep_hot_months, 0, "keep_hot_months")
@@ -258,18 +362,30 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return _convert(values)
 
 
+def _check_addr(value: str, field: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"must be host:port, got {value!r}", field=field)
+
+
+#: Fields given as comma-separated lists in the environment.
+_LIST_FIELDS = frozenset({"mesh_redact"})
+
+
 def _at_least(value: int, low: int, field: str) -> None:
     if not isinstance(value, int) or value < low:
         raise ConfigError(f"must be an integer >= {low}, got {value!r}", field=field)
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, str]:
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     fields = set(Config.__struct_fields__)
-    out: dict[str, str] = {}
+    out: dict[str, Any] = {}
     for key, value in env.items():
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX) :].lower()
-            if name in fields:
+            if name in _LIST_FIELDS:
+                out[name] = [v.strip() for v in value.split(",") if v.strip()]
+            elif name in fields:
                 out[name] = value
     return out
 

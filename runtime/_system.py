@@ -37,6 +37,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import pyarrow as pa
 import trio
 
@@ -45,6 +46,7 @@ from symbiote.actors._threads import set_db_thread_nice
 from symbiote.actors._vector import VectorParams
 from symbiote.actors.database import Database
 from symbiote.actors.index import (
+    AwaitReady,
     Followers,
     Index,
     IndexInfo,
@@ -66,10 +68,24 @@ from symbiote.actors.maintenance import (
     MovePeriod,
     RunMaintenance,
 )
+from symbiote.actors.mesh.actor import (
+    Mesh,
+    MeshFlush,
+    MeshGrant,
+    MeshJoin,
+    MeshLinks,
+    MeshMembers,
+    MeshPublish,
+    MeshSearch,
+    MeshSettings,
+    MeshStatus,
+    local_search_via,
+)
+from symbiote.actors.mesh.federation import FederationConfig
 from symbiote.actors.reader import Query, QueryFormat, Reader, Stream
 from symbiote.actors.search import SearchPlanner
 from symbiote.actors.writer import Writer
-from symbiote.runtime._actor import ActorRef
+from symbiote.runtime._actor import Actor, ActorRef
 from symbiote.runtime._blocking import BlockingHost
 from symbiote.runtime._config import Config
 from symbiote.runtime._gil import switch_interval
@@ -83,10 +99,12 @@ from symbiote.schema.errors import (
     SymbioteError,
     WriteConflict,
 )
+from symbiote.schema.mesh import FederatedHits, Grant, MemberInfo, MeshInfo, Published
 from symbiote.schema.messages import (
     CorrectMessage,
     DeleteChunks,
     IngestMessages,
+    PersistMesh,
     UpsertChunks,
     UpsertDocuments,
     WriteAck,
@@ -105,6 +123,7 @@ __all__ = [
     "Runtime",
     "build_tree",
     "maintenance_settings",
+    "mesh_settings",
     "open_runtime",
     "partition_spec",
     "start_blocking",
@@ -243,7 +262,139 @@ def build_tree(
         intensity=config.restart_intensity,
         period=config.restart_period_s,
     )
-    return SupervisorSpec(id="symbiote", children=(data,), strategy="one_for_one")
+    if not config.mesh_enabled:
+        return SupervisorSpec(id="symbiote", children=(data,), strategy="one_for_one")
+    data, mesh = _with_mesh(config, data)
+    return SupervisorSpec(id="symbiote", children=(data, mesh), strategy="one_for_one")
+
+
+# -- the mesh child ---------------------------------------------------------------------------
+
+
+def mesh_settings(config: Config) -> MeshSettings:
+    """The mesh actor's settings from ``config`` (paths defaulted next to the database)."""
+    base = config.db_path
+    key_path = config.mesh_key_path or str(Path(base + ".mesh") / "node.key")
+    cert_path = config.mesh_cert_path or str(Path(base + ".mesh") / "node.crt")
+    host, _, port = config.mesh_listen.rpartition(":")
+    transport = msgspec.structs.replace(
+        config.mesh_transport,
+        host=host.strip("[]"),
+        port=int(port),
+        advertise=config.mesh_advertise or None,
+        mesh=config.mesh_name,
+    )
+    return MeshSettings(
+        key_path=key_path,
+        ca_cert_path=config.mesh_ca_cert_path,
+        cert_path=cert_path,
+        ca_key_path=config.mesh_ca_key_path,
+        bootstrap_path=config.mesh_bootstrap_path,
+        transport=transport,
+        swim=config.mesh_swim,
+        sync=config.mesh_sync,
+        trust=config.mesh_trust,
+        federation=FederationConfig(
+            dim=config.dim,
+            max_hits=config.mesh_fed_max_hits,
+            max_peers=config.mesh_fed_max_peers,
+            max_outgoing=config.mesh_fed_max_outgoing,
+            inflight_per_peer=config.mesh_fed_inflight_per_peer,
+            inflight=config.mesh_fed_inflight,
+            max_text_chars=config.mesh_fed_max_text_chars,
+            # An answer must fit in one frame of the transport, with room for the envelope.
+            max_reply_bytes=max(1024, config.mesh_transport.max_frame - 4096),
+            redact=tuple(config.mesh_redact),
+        ),
+        persist_backlog=config.mesh_persist_backlog,
+        state_interval_s=config.mesh_state_interval_s,
+        join_retry_s=config.mesh_join_retry_s,
+        io_timeout_s=config.default_timeout_s,
+    )
+
+
+class _Caught:
+    """A child's factory that remembers the actor it built last, to reach that actor's ref.
+
+    The kernel sets ``actor.ref`` before ``on_start``, and a ref is stable across restarts,
+    so a sibling started later (the mesh) can talk to this actor through it; the kernel
+    stays unaware of who talks to whom.
+    """
+
+    def __init__(self, factory: Callable[[], Actor]) -> None:
+        self._factory = factory
+        self._actor: Actor | None = None
+
+    def __call__(self) -> Actor:
+        self._actor = self._factory()
+        return self._actor
+
+    @property
+    def ref(self) -> ActorRef:
+        if self._actor is None:
+            raise ConfigError("the actor has not been started yet", field="ref")
+        return self._actor.ref
+
+
+def _with_mesh(config: Config, data: SupervisorSpec) -> tuple[SupervisorSpec, ChildSpec]:
+    """``data`` with its writer, readers and index factories caught, and the mesh child.
+
+    The mesh sits beside ``data`` under the root (one_for_one), not inside it: it holds no
+    database connection, only refs, so a restart of the data actors does not take the node
+    off the network (its writes wait for the new writer and are retried).
+    """
+    caught: dict[str, _Caught] = {}
+
+    def catch(spec: ChildSpec | SupervisorSpec, path: str) -> ChildSpec | SupervisorSpec:
+        if isinstance(spec, SupervisorSpec):
+            children = tuple(catch(c, f"{path}{spec.id}/") for c in spec.children)
+            return msgspec.structs.replace(spec, children=children)
+        c = caught[path + spec.id] = _Caught(spec.factory)
+        return msgspec.structs.replace(spec, factory=c)
+
+    data = msgspec.structs.replace(data, children=tuple(catch(c, "") for c in data.children))
+    writer = caught["writer"]
+    readers = [c for name, c in caught.items() if name.startswith("readers/")]
+    index = caught.get("index")
+
+    async def write(msg: PersistMesh, timeout: float) -> WriteAck:
+        ack: WriteAck = await writer.ref.ask(msg, timeout=timeout)
+        return ack
+
+    async def sql(text: str, params: list[Any], timeout: float) -> pa.Table:
+        reader = min(readers, key=lambda c: c.ref.depth).ref
+        table: pa.Table = await reader.ask(
+            Query(sql=text, params=tuple(params), fmt="arrow"), timeout=timeout
+        )
+        return table
+
+    search = None
+    if index is not None:
+        idx = index
+
+        async def knn(vector: Any, k: int, ef: int | None, timeout: float) -> KnnHits:
+            hits: KnnHits = await idx.ref.ask(Knn(vector=vector, k=k, ef=ef), timeout=timeout)
+            return hits
+
+        planner = SearchPlanner(
+            dim=config.dim,
+            knn=knn,
+            sql=sql,
+            max_k=config.search_max_k,
+            max_fetch=config.search_max_fetch,
+            exact_rows=config.search_exact_rows,
+            count_ttl_s=config.search_count_ttl_s,
+        )
+        search = local_search_via(planner, sql)
+    links = MeshLinks(write=write, sql=sql, search=search)
+    settings = mesh_settings(config)
+    mesh = ChildSpec(
+        id="mesh",
+        factory=lambda: Mesh(settings, links),
+        mailbox=config.mesh_mailbox,
+        shutdown=config.shutdown_s,
+    )
+    return data, mesh
 
 
 class Runtime:
@@ -274,6 +425,7 @@ class Runtime:
         self._readers = [supervisor.ref(f"data/readers/reader-{i}") for i in range(config.readers)]
         # Calls in flight per reader, for least-loaded dispatch.
         self._inflight = dict.fromkeys(self._readers, 0)
+        self._mesh: ActorRef | None = supervisor.ref("mesh") if config.mesh_enabled else None
         self._index: ActorRef | None = (
             supervisor.ref("data/index") if config.index_enabled else None
         )
@@ -524,8 +676,23 @@ class Runtime:
         )
 
     async def index_status(self, *, timeout: float | None = None) -> IndexInfo:
-        """What the index holds: size, commit sequence, snapshots, counters."""
+        """What the index holds: size, commit sequence, build phase and progress, counters.
+
+        The index is built in the background after a start: ``ready`` is False (and
+        ``building`` True) until it has caught up with the table; ``count`` and
+        ``highest_seq`` against ``target_seq`` show how far it got. Searches are correct
+        meanwhile (exact scans in DuckDB), only slower.
+        """
         info: IndexInfo = await self._index_ref().ask(IndexStatus(), timeout=self._timeout(timeout))
+        return info
+
+    async def wait_index_ready(self, *, timeout: float | None = None) -> IndexInfo:
+        """Wait until the index's build after the start has caught up; returns its status.
+
+        Raises :class:`~symbiote.schema.errors.DeadlineExceeded` if it takes longer than
+        ``timeout`` (a rebuild of a million 768-d vectors takes minutes).
+        """
+        info: IndexInfo = await self._index_ref().ask(AwaitReady(), timeout=self._timeout(timeout))
         return info
 
     async def save_index(self, *, timeout: float | None = None) -> IndexInfo:
@@ -547,6 +714,129 @@ class Runtime:
     async def _sql(self, sql: str, params: list[Any], timeout: float) -> pa.Table:
         table: pa.Table = await self.query(sql, params, fmt="arrow", timeout=timeout)
         return table
+
+    # -- the mesh --------------------------------------------------------------------------
+
+    async def publish(
+        self, kind: str, payload: bytes | msgspec.Struct, *, timeout: float | None = None
+    ) -> Published:
+        """Publish a signed row of ``kind`` to the mesh; returns after it is committed.
+
+        A struct payload is encoded as MessagePack. Peers receive it by anti-entropy and
+        store it in their ``mesh_rows``. ``grant`` and ``trust_report`` are published by the
+        mesh itself (see :meth:`grant`). Raises ``TooLarge`` over the payload cap, ``LogFull``
+        at the log's limits, ``ConfigError`` when the mesh is off.
+        """
+        data = payload if isinstance(payload, bytes) else msgspec.msgpack.encode(payload)
+        published: Published = await self._mesh_ref().ask(
+            MeshPublish(kind=kind, payload=data), timeout=self._timeout(timeout)
+        )
+        return published
+
+    async def grant(
+        self,
+        peer_id: str,
+        tags: Sequence[str],
+        *,
+        expires_in_s: float = 30 * 86_400.0,
+        permissions: Sequence[str] = ("search",),
+        redact: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Published:
+        """Let ``peer_id`` search this node's documents tagged with any of ``tags``.
+
+        The grant is a row signed by this node; it replaces this node's earlier grant to the
+        peer (``permissions=()`` revokes). It expires after ``expires_in_s``. ``redact``
+        adds fields blanked from this peer's answers to the configured ``mesh_redact``.
+        Bad input raises ``BadArgument`` naming the field.
+        """
+        if not isinstance(expires_in_s, int | float) or not expires_in_s > 0:
+            raise BadArgument("must be a positive number of seconds", field="expires_in_s")
+        if isinstance(tags, str):
+            tags = [tags]
+        try:
+            grant = msgspec.convert(
+                {
+                    "grantee": peer_id,
+                    "tags": list(tags),
+                    "permissions": list(permissions),
+                    "expires_at": int(_dt.datetime.now(_dt.UTC).timestamp() + expires_in_s),
+                    "redact": list(redact),
+                },
+                Grant,
+            )
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            field = text.rsplit("`$.", 1)[-1].rstrip("`").split("[")[0] if "`$." in text else None
+            raise BadArgument(text.split(" - at ")[0], field=field) from None
+        published: Published = await self._mesh_ref().ask(
+            MeshGrant(grant=grant), timeout=self._timeout(timeout)
+        )
+        return published
+
+    async def federated_search(
+        self,
+        vector: Any,
+        k: int = 10,
+        *,
+        tags: Sequence[str] = (),
+        where: SearchFilter | dict[str, Any] | None = None,
+        deadline: float | None = None,
+        peers: Sequence[str] | None = None,
+        include_local: bool = True,
+    ) -> FederatedHits:
+        """Search this node and the peers that granted it ``tags``, merged by distance.
+
+        The query goes in parallel to every alive, trusted peer whose grant to this node
+        covers one of ``tags`` (any tag when empty), or to exactly ``peers``; each answers
+        only from its documents inside the grant, with its redactions. Returns after every
+        peer answered or ``deadline`` seconds (``mesh_fed_deadline_s`` by default): peers
+        that did not answer in time are in ``missing``. Each hit names its ``origin``.
+        ``include_local`` adds this node's own hits (filtered by ``tags`` too).
+        """
+        wait = self.config.mesh_fed_deadline_s if deadline is None else deadline
+        msg = MeshSearch(
+            vector=vector,
+            k=k,
+            tags=(tags,) if isinstance(tags, str) else tuple(tags),
+            where=where,
+            deadline_s=wait,
+            peers=None if peers is None else tuple(peers),
+            include_local=include_local,
+        )
+        timeout = (wait if isinstance(wait, int | float) and wait > 0 else 1.0) + 5.0
+        hits: FederatedHits = await self._mesh_ref().ask(msg, timeout=timeout)
+        return hits
+
+    async def mesh_members(self, *, timeout: float | None = None) -> list[MemberInfo]:
+        """The members this node knows, with status and relative trust."""
+        members: list[MemberInfo] = await self._mesh_ref().ask(
+            MeshMembers(), timeout=self._timeout(timeout)
+        )
+        return members
+
+    async def mesh_status(self, *, timeout: float | None = None) -> MeshInfo:
+        """This node's peer id, address, row counts and counters."""
+        info: MeshInfo = await self._mesh_ref().ask(MeshStatus(), timeout=self._timeout(timeout))
+        return info
+
+    async def mesh_join(self, addrs: Sequence[str], *, timeout: float | None = None) -> int:
+        """Join the mesh through members' "host:port"; how many answered (JoinFailed if none)."""
+        n: int = await self._mesh_ref().ask(
+            MeshJoin(addrs=(addrs,) if isinstance(addrs, str) else tuple(addrs)),
+            timeout=self._timeout(timeout),
+        )
+        return n
+
+    async def mesh_flush(self, *, timeout: float | None = None) -> int:
+        """Commit every received row still waiting for the database; how many."""
+        n: int = await self._mesh_ref().ask(MeshFlush(), timeout=self._timeout(timeout))
+        return n
+
+    def _mesh_ref(self) -> ActorRef:
+        if self._mesh is None:
+            raise ConfigError("the mesh is off (mesh_enabled = false)", field="mesh_enabled")
+        return self._mesh
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -808,10 +1098,88 @@ class BlockingRuntime:
         info: IndexInfo = self._run("index_status", timeout=timeout)
         return info
 
+    def wait_index_ready(self, *, timeout: float | None = None) -> IndexInfo:
+        """Blocking :meth:`Runtime.wait_index_ready`."""
+        info: IndexInfo = self._run("wait_index_ready", timeout=timeout)
+        return info
+
     def save_index(self, *, timeout: float | None = None) -> IndexInfo:
         """Blocking :meth:`Runtime.save_index`."""
         info: IndexInfo = self._run("save_index", timeout=timeout)
         return info
+
+    def publish(
+        self, kind: str, payload: bytes | msgspec.Struct, *, timeout: float | None = None
+    ) -> Published:
+        """Blocking :meth:`Runtime.publish`."""
+        published: Published = self._run("publish", kind, payload, timeout=timeout)
+        return published
+
+    def grant(
+        self,
+        peer_id: str,
+        tags: Sequence[str],
+        *,
+        expires_in_s: float = 30 * 86_400.0,
+        permissions: Sequence[str] = ("search",),
+        redact: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Published:
+        """Blocking :meth:`Runtime.grant`."""
+        published: Published = self._run(
+            "grant",
+            peer_id,
+            tags,
+            expires_in_s=expires_in_s,
+            permissions=permissions,
+            redact=redact,
+            timeout=timeout,
+        )
+        return published
+
+    def federated_search(
+        self,
+        vector: Any,
+        k: int = 10,
+        *,
+        tags: Sequence[str] = (),
+        where: SearchFilter | dict[str, Any] | None = None,
+        deadline: float | None = None,
+        peers: Sequence[str] | None = None,
+        include_local: bool = True,
+    ) -> FederatedHits:
+        """Blocking :meth:`Runtime.federated_search`."""
+        hits: FederatedHits = self._run(
+            "federated_search",
+            vector,
+            k,
+            tags=tags,
+            where=where,
+            deadline=deadline,
+            peers=peers,
+            include_local=include_local,
+        )
+        return hits
+
+    def mesh_members(self, *, timeout: float | None = None) -> list[MemberInfo]:
+        """Blocking :meth:`Runtime.mesh_members`."""
+        members: list[MemberInfo] = self._run("mesh_members", timeout=timeout)
+        return members
+
+    def mesh_status(self, *, timeout: float | None = None) -> MeshInfo:
+        """Blocking :meth:`Runtime.mesh_status`."""
+        info: MeshInfo = self._run("mesh_status", timeout=timeout)
+        return info
+
+    def mesh_join(self, addrs: Sequence[str], *, timeout: float | None = None) -> int:
+        """Blocking :meth:`Runtime.mesh_join`."""
+        n: int = self._run("mesh_join", addrs, timeout=timeout)
+        return n
+
+    def mesh_flush(self, *, timeout: float | None = None) -> int:
+        """Blocking :meth:`Runtime.mesh_flush`."""
+        n: int = self._run("mesh_flush", timeout=timeout)
+        return n
 
     def tree(self) -> TreeNode:
         """The live supervision tree."""

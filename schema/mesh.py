@@ -12,16 +12,21 @@ is what gets signed, does not depend on float formatting.
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from symbiote.schema.errors import ConfigError, SymbioteError, TooLarge
+from symbiote.schema.errors import BadArgument, ConfigError, SymbioteError, TooLarge
+from symbiote.schema.search import SearchFilter
 
 __all__ = [
     "MESH_DDL",
+    "PEER_ID_PATTERN",
     "PROTOCOL_VERSION",
+    "REDACTABLE_FIELDS",
     "Ack",
     "Alive",
     "BadSignature",
@@ -30,11 +35,18 @@ __all__ = [
     "BootstrapPeer",
     "ClockSkew",
     "Dead",
+    "FedHit",
+    "FedHits",
+    "FedRefused",
+    "FedSearch",
+    "FederatedHits",
     "FrameError",
     "FrameTooLarge",
     "FrameTruncated",
     "Gossip",
     "Grant",
+    "GrantDenied",
+    "GrantRecord",
     "HandshakeFailed",
     "Hello",
     "Hlc",
@@ -47,16 +59,23 @@ __all__ = [
     "KeyRotation",
     "LogFull",
     "MalformedFrame",
+    "MemberInfo",
     "MemberState",
     "MemberStatus",
     "MeshError",
+    "MeshHit",
+    "MeshInfo",
     "MeshMessage",
     "PeerKey",
+    "PeerKeyRecord",
     "PeerMismatch",
+    "PeerRecord",
     "Ping",
     "PingReq",
+    "Published",
     "PushPull",
     "PushPullReply",
+    "RefusalCode",
     "Row",
     "RowBatch",
     "RowDigest",
@@ -66,10 +85,14 @@ __all__ = [
     "SwimConfig",
     "TransportConfig",
     "TrustConfig",
+    "TrustEdgeRecord",
     "TrustReport",
+    "TrustScoreRecord",
     "UnknownKey",
     "UnknownMessageType",
     "Update",
+    "check_grant",
+    "check_redact_fields",
 ]
 
 #: Version of the mesh wire protocol, exchanged in :class:`Hello`.
@@ -187,6 +210,16 @@ class BootstrapError(MeshError):
     """A bootstrap file (``.well-known/egregora-peers.json``) is unreadable or invalid."""
 
     code = "bootstrap"
+
+
+class GrantDenied(MeshError):
+    """A grant does not allow what a peer asked; ``reason`` is a :data:`RefusalCode`."""
+
+    code = "grant_denied"
+
+    def __init__(self, message: str, *, reason: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,7 +457,9 @@ class Grant(msgspec.Struct, frozen=True, kw_only=True, tag="grant"):
     """Payload of a ``grant`` row: ``grantee`` may use ``permissions`` on rows tagged ``tags``.
 
     The row carrying it is signed by the granter (its origin); ``expires_at`` is Unix seconds.
-    Enforcement belongs to federated search (not built yet).
+    The latest grant row of a granter for a grantee replaces its earlier ones (publish one
+    with ``permissions=[]`` to revoke). Checked with :func:`check_grant` before publishing;
+    enforced by the granter when it answers a federated search (docs/mesh.md, "Grants").
     """
 
     grantee: str
@@ -434,17 +469,302 @@ class Grant(msgspec.Struct, frozen=True, kw_only=True, tag="grant"):
     redact: list[str] = msgspec.field(default_factory=list)
 
 
+# --------------------------------------------------------------------------------------------
+# Federated search wire messages
+# --------------------------------------------------------------------------------------------
+
+#: Caps checked while decoding search messages.
+MAX_GRANT_TAGS = 64
+MAX_TAG_CHARS = 200
+MAX_FED_HITS = 1000
+MAX_REDACT_FIELDS = 32
+#: Fields a granter may redact from what it answers: whole fields, or one metadata key
+#: (``metadata.<key>``). ``authors`` also blanks the authors' names inside text and title.
+REDACTABLE_FIELDS: Final = frozenset({"authors", "title", "text", "metadata"})
+_METADATA_FIELD = re.compile(r"^metadata\.[A-Za-z_][A-Za-z0-9_]{0,63}$")
+PEER_ID_PATTERN: Final = "^[a-z2-7]{32}$"
+_PEER_ID = re.compile(PEER_ID_PATTERN)
+
+
+class FedSearch(msgspec.Struct, frozen=True, array_like=True, tag="fed_search"):
+    """Ask a granter for its nearest chunks, within the tags it granted the asker.
+
+    ``vector`` is the query as little-endian float32 (``dim`` x 4 bytes); ``tags`` narrows the
+    grant's scope (empty: the whole grant); ``deadline_ms`` is how long the asker waits, which
+    also bounds the answerer's own work. ``where`` narrows further (AND); it can never widen
+    the scope, which the answerer imposes on ``tags`` itself.
+    """
+
+    qid: int
+    vector: bytes
+    k: int
+    tags: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=MAX_TAG_CHARS)]],
+        msgspec.Meta(max_length=MAX_GRANT_TAGS),
+    ]
+    deadline_ms: int
+    where: SearchFilter | None = None
+
+
+class FedHit(msgspec.Struct, frozen=True, array_like=True):
+    """One hit of a federated answer, already redacted by the answering peer.
+
+    A redacted field is None. The origin is not on the wire: the asker takes it from the
+    authenticated connection the answer came on, so a peer cannot answer in another's name.
+    """
+
+    chunk_id: str
+    document_id: str
+    distance: float
+    text: str | None = None
+    title: str | None = None
+    authors: list[str] | None = None
+    tags: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class FedHits(msgspec.Struct, frozen=True, array_like=True, tag="fed_hits"):
+    """A granter's answer to :class:`FedSearch` ``qid``: hits, nearest first, and redactions."""
+
+    qid: int
+    hits: Annotated[list[FedHit], msgspec.Meta(max_length=MAX_FED_HITS)]
+    redacted: Annotated[list[str], msgspec.Meta(max_length=MAX_REDACT_FIELDS)] = msgspec.field(
+        default_factory=list
+    )
+
+
+#: Reasons a peer refuses a federated search (``FedRefused.code``).
+RefusalCode = Literal[
+    "distrusted",
+    "no_grant",
+    "expired",
+    "not_permitted",
+    "out_of_scope",
+    "bad_request",
+    "busy",
+    "unavailable",
+]
+
+
+class FedRefused(msgspec.Struct, frozen=True, array_like=True, tag="fed_refused"):
+    """A peer will not answer :class:`FedSearch` ``qid``; ``code`` says why (``RefusalCode``)."""
+
+    qid: int
+    code: str
+    message: str
+    field: str | None = None
+
+
 #: Every message a mesh connection may carry.
 MeshMessage = (
-    Hello | Ping | Ack | PingReq | Gossip | PushPull | PushPullReply | RowDigest | RowBatch
+    Hello
+    | Ping
+    | Ack
+    | PingReq
+    | Gossip
+    | PushPull
+    | PushPullReply
+    | RowDigest
+    | RowBatch
+    | FedSearch
+    | FedHits
+    | FedRefused
 )
+
+
+def check_grant(grant: Grant, *, now: int, granter: str | None = None) -> None:
+    """Refuse a grant that is malformed or already expired, with a BadArgument naming the field.
+
+    Tags: 1..64 distinct non-empty strings of at most 200 characters. Permissions: at least
+    one. ``redact``: names from :data:`REDACTABLE_FIELDS` or ``metadata.<key>``. The grantee
+    must be a peer id other than ``granter``.
+    """
+    if not isinstance(grant.grantee, str) or not _PEER_ID.match(grant.grantee):
+        raise BadArgument("must be a peer id (32 characters a-z, 2-7)", field="grantee")
+    if granter is not None and grant.grantee == granter:
+        raise BadArgument("a node cannot grant itself", field="grantee")
+    if not grant.tags or len(grant.tags) > MAX_GRANT_TAGS:
+        raise BadArgument(f"must list 1..{MAX_GRANT_TAGS} tags", field="tags")
+    for i, tag in enumerate(grant.tags):
+        if not isinstance(tag, str) or not tag or len(tag) > MAX_TAG_CHARS:
+            raise BadArgument(
+                f"must be a non-empty string of at most {MAX_TAG_CHARS} characters",
+                field=f"tags[{i}]",
+            )
+    if len(set(grant.tags)) != len(grant.tags):
+        raise BadArgument("lists a tag twice", field="tags")
+    for i, perm in enumerate(grant.permissions):
+        if perm not in ("search", "read"):
+            raise BadArgument(f"unknown permission {perm!r:.40}", field=f"permissions[{i}]")
+    if not isinstance(grant.expires_at, int) or grant.expires_at <= now:
+        raise BadArgument("must be a Unix time (s) in the future", field="expires_at")
+    if len(grant.redact) > MAX_REDACT_FIELDS:
+        raise BadArgument(f"more than {MAX_REDACT_FIELDS} fields", field="redact")
+    for i, name in enumerate(grant.redact):
+        if name not in REDACTABLE_FIELDS and not _METADATA_FIELD.match(name):
+            raise BadArgument(
+                f"unknown field {name!r:.70}; expected one of "
+                f"{', '.join(sorted(REDACTABLE_FIELDS))} or metadata.<key>",
+                field=f"redact[{i}]",
+            )
+
+
+def check_redact_fields(fields: list[str] | tuple[str, ...], field: str) -> None:
+    """Refuse a redaction list with unknown names (see :data:`REDACTABLE_FIELDS`)."""
+    for name in fields:
+        if name not in REDACTABLE_FIELDS and not _METADATA_FIELD.match(name):
+            raise ConfigError(
+                f"unknown field {name!r:.70}; expected one of "
+                f"{', '.join(sorted(REDACTABLE_FIELDS))} or metadata.<key>",
+                field=field,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# What the mesh answers to callers of the runtime
+# --------------------------------------------------------------------------------------------
+
+
+class MeshHit(msgspec.Struct, frozen=True, kw_only=True):
+    """One hit of a federated search, with the peer it came from (``origin``).
+
+    ``origin`` is the authenticated peer that answered (this node's own id for local hits).
+    Fields the origin redacted are None.
+    """
+
+    origin: str
+    chunk_id: str
+    document_id: str
+    distance: float
+    text: str | None = None
+    title: str | None = None
+    authors: list[str] | None = None
+    tags: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class FederatedHits(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to a federated search: hits from every peer that answered, merged by distance.
+
+    ``asked``: peers the query went to. ``answered``: those that answered in time (this node
+    included when it searched locally). ``missing``: asked, no answer by the deadline (not
+    waited for). ``refused``: peer -> reason (a ``RefusalCode``, or ``unreachable``).
+    ``redacted``: peer -> fields it redacted. ``elapsed_ms``: wall time of the whole search.
+    """
+
+    hits: list[MeshHit]
+    asked: list[str]
+    answered: list[str]
+    missing: list[str]
+    refused: dict[str, str]
+    redacted: dict[str, list[str]]
+    elapsed_ms: float
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+
+class Published(msgspec.Struct, frozen=True, kw_only=True):
+    """A row this node published: its id in the mesh (``origin``, ``seq``) and its HLC."""
+
+    origin: str
+    seq: int
+    kind: str
+    hlc: Hlc
+
+
+class MemberInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One member as this node sees it; ``trust`` is its EigenTrust score x N (None: unknown)."""
+
+    peer_id: str
+    addr: str
+    status: MemberStatus
+    incarnation: int
+    trust: float | None = None
+
+
+class MeshInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """This node in the mesh: identity, address, counts and counters."""
+
+    peer_id: str
+    addr: str
+    mesh: str
+    members_alive: int
+    rows: int
+    origins: int
+    persist_backlog: int
+    rows_persisted: int
+    grants_to_me: list[str]
+    stats: dict[str, int]
+
+
+# --------------------------------------------------------------------------------------------
+# Records the mesh actor persists through the writer (schema.messages.PersistMesh)
+# --------------------------------------------------------------------------------------------
+
+
+class PeerRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A row of ``peers``. ``genesis_key`` is empty until the peer's key chain is known."""
+
+    peer_id: str
+    addrs: list[str]
+    status: Literal["alive", "suspect", "dead", "left"]
+    incarnation: int
+    genesis_key: bytes
+    pretrusted: bool
+    seen_at: _dt.datetime
+
+
+class PeerKeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A row of ``peer_keys``: one key of a peer's chain (``rotation_seq`` 0 = the genesis key).
+
+    ``rotation`` is the MessagePack of the :class:`KeyRotation` that introduced the key (None
+    for the genesis key): enough to rebuild and re-verify the chain at start.
+    """
+
+    peer_id: str
+    key_id: str
+    public_key: bytes
+    rotation_seq: int
+    valid_from: int
+    expired_at: int | None = None
+    rotation: bytes | None = None
+
+
+class TrustEdgeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A row of ``trust_edges``: this node's first-hand interaction counts with a peer."""
+
+    from_peer: str
+    to_peer: str
+    satisfactory: int
+    unsatisfactory: int
+
+
+class TrustScoreRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A row of ``trust_scores`` (the latest computation replaces the earlier ones)."""
+
+    peer_id: str
+    score: float
+
+
+class GrantRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A row of ``grants``: a grant row decoded, with the signature of the row carrying it."""
+
+    granter: str
+    grantee: str
+    row_seq: int
+    tags: list[str]
+    permissions: list[str]
+    redact: list[str]
+    expires_at: int
+    signature: bytes
 
 
 # --------------------------------------------------------------------------------------------
 # Bootstrap file: .well-known/egregora-peers.json
 # --------------------------------------------------------------------------------------------
 
-_PEER_ID_PATTERN = "^[a-z2-7]{32}$"
+_PEER_ID_PATTERN = PEER_ID_PATTERN
 
 
 class BootstrapPeer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -524,7 +844,8 @@ class SwimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     suspicion_mult: float = 4.0
     #: Lifeguard: with enough independent confirmations the timeout shrinks to max x this.
     suspicion_min_fraction: float = 0.25
-    #: Retransmits per update = mult x ceil(log10(N + 1)).
+    #: Times each member sends one update = ceil(mult x ln(N + 1)): 16 at N = 50, where some
+    #: member misses an update with probability ~N^(1 - mult) (see ``retransmit_limit``).
     retransmit_mult: int = 4
     gossip_interval: float = 0.2
     gossip_nodes: int = 3

@@ -13,7 +13,15 @@ from typing import Any
 import msgspec
 
 from .errors import Failure
-from .records import Chunk, Document, Message
+from .mesh import (
+    GrantRecord,
+    PeerKeyRecord,
+    PeerRecord,
+    Row,
+    TrustEdgeRecord,
+    TrustScoreRecord,
+)
+from .records import Chunk, Document, Message, UTCDateTime
 
 __all__ = [
     "ChunkChange",
@@ -21,6 +29,7 @@ __all__ = [
     "CorrectMessage",
     "DeleteChunks",
     "IngestMessages",
+    "PersistMesh",
     "UpsertChunks",
     "UpsertDocuments",
     "WriteAck",
@@ -65,8 +74,42 @@ class CorrectMessage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     changes: dict[str, Any]
 
 
+class PersistMesh(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Store mesh state: replicated rows, grants, peers, keys and trust (the mesh actor's writes).
+
+    Every list is idempotent on its table's key, so a retry after a crash never duplicates:
+    ``rows`` on ``(origin, seq)`` (a re-signed copy of the same content replaces key id and
+    signature; different content under a held key is ignored: the first version stays),
+    ``grants`` on ``(granter, row_seq)``, ``peers`` on ``peer_id`` (``first_seen`` kept),
+    ``peer_keys`` on ``(peer_id, key_id)``, ``trust_edges`` on ``(from_peer, to_peer)``.
+    ``trust_scores``, when given, is one computation at ``scores_at`` and replaces the older
+    ones (only the latest is kept: the table stays bounded).
+    """
+
+    rows: tuple[Row, ...] = ()
+    grants: tuple[GrantRecord, ...] = ()
+    peers: tuple[PeerRecord, ...] = ()
+    peer_keys: tuple[PeerKeyRecord, ...] = ()
+    trust_edges: tuple[TrustEdgeRecord, ...] = ()
+    trust_scores: tuple[TrustScoreRecord, ...] = ()
+    scores_at: UTCDateTime | None = None
+
+    def size(self) -> int:
+        """Records carried, all tables together (the unit of the writer's batch bound)."""
+        return (
+            len(self.rows)
+            + len(self.grants)
+            + len(self.peers)
+            + len(self.peer_keys)
+            + len(self.trust_edges)
+            + len(self.trust_scores)
+        )
+
+
 #: What the writer accepts.
-WriteRequest = IngestMessages | UpsertDocuments | UpsertChunks | DeleteChunks | CorrectMessage
+WriteRequest = (
+    IngestMessages | UpsertDocuments | UpsertChunks | DeleteChunks | CorrectMessage | PersistMesh
+)
 
 
 class WriteAck(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):

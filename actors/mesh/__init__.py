@@ -1,4 +1,4 @@
-"""symbiote.actors.mesh: the mesh between supervisors (foundations of issue 6).
+"""symbiote.actors.mesh: the mesh between supervisors (issue 6).
 
 - :mod:`~symbiote.actors.mesh.identity`: Ed25519 node identity, peer ids, rotation, signing.
 - :mod:`~symbiote.actors.mesh.frames`: length-prefixed, size-capped MessagePack frames.
@@ -11,6 +11,11 @@
 - :mod:`~symbiote.actors.mesh.antientropy`: Scuttlebutt anti-entropy of rows (:class:`RowSync`).
 - :mod:`~symbiote.actors.mesh.trust`: EigenTrust and the trust policy.
 - :mod:`~symbiote.actors.mesh.bootstrap`: ``.well-known/egregora-peers.json``.
+- :mod:`~symbiote.actors.mesh.grants`: grants as signed rows, and their checks.
+- :mod:`~symbiote.actors.mesh.federation`: federated search (asking, answering, redaction).
+- :mod:`~symbiote.actors.mesh.store`: the row log persisted write-behind, and loading it.
+- :mod:`~symbiote.actors.mesh.actor`: the mesh actor (import it from its module; the
+  composition root wires it into the supervision tree).
 
 Wire messages, records, configuration and errors live in :mod:`symbiote.schema.mesh`.
 See docs/mesh.md.
@@ -25,7 +30,15 @@ from symbiote.actors.mesh.bootstrap import (
     parse_bootstrap,
 )
 from symbiote.actors.mesh.broadcast import BroadcastQueue
+from symbiote.actors.mesh.federation import (
+    Federation,
+    FederationConfig,
+    LocalHit,
+    LocalSearch,
+    redact_hit,
+)
 from symbiote.actors.mesh.frames import FrameCodec, FrameReader, FrameStats, receive_frame
+from symbiote.actors.mesh.grants import GrantBook
 from symbiote.actors.mesh.hlc import HybridClock
 from symbiote.actors.mesh.identity import (
     MAX_KEY_TRUST,
@@ -49,6 +62,7 @@ from symbiote.actors.mesh.rows import (
     row_size,
     sign_row,
 )
+from symbiote.actors.mesh.store import PersistentRowLog
 from symbiote.actors.mesh.suspicion import (
     Suspicion,
     expected_confirmations,
@@ -67,12 +81,17 @@ __all__ = [
     "Bootstrap",
     "BroadcastQueue",
     "BucketTable",
+    "Federation",
+    "FederationConfig",
     "FrameCodec",
     "FrameReader",
     "FrameStats",
+    "GrantBook",
     "HybridClock",
     "Inbound",
     "KeyRing",
+    "LocalHit",
+    "LocalSearch",
     "Member",
     "MemberEvent",
     "MemoryEndpoint",
@@ -84,6 +103,7 @@ __all__ = [
     "NodeIdentity",
     "PeerAddr",
     "PeerKeys",
+    "PersistentRowLog",
     "RowLog",
     "RowSync",
     "Suspicion",
@@ -107,6 +127,7 @@ __all__ = [
     "peer_id_for",
     "push_pull_scale",
     "receive_frame",
+    "redact_hit",
     "retransmit_limit",
     "row_size",
     "sign_row",

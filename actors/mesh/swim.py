@@ -208,7 +208,27 @@ class SwimNode:
         if not answered:
             raise JoinFailed(f"no seed answered out of {len(targets)}", field="seeds")
         log.info("joined via %d of %d seeds", answered, len(targets), extra=self._log)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._settle_after_join)
         return answered
+
+    async def _settle_after_join(self) -> None:
+        """One more push/pull, with a random member, about a probe interval after joining.
+
+        Members that joined at the same time as this node are missing from the seed's answer,
+        and their Alive updates may have used up their retransmissions before anyone knew
+        this node to gossip to: without this the node waited for the periodic push/pull (30 s,
+        60 s at 50 nodes) to learn them. Measured: 2 of 6 simultaneous joins of 50 nodes took
+        150 gossip rounds to converge. The lasting cause was the retransmit count (see
+        ``retransmit_limit``: 3 of 340 such joins still stalled with only this push/pull, none
+        of 640 with both); this push/pull still shortens a join (median 5 rounds, 6 without).
+        """
+        await trio.sleep(self.config.probe_interval * self._rng.uniform(0.5, 1.0))
+        peers = [m for m in self.members.values() if m.status == "alive"]
+        if peers:
+            m = self._rng.choice(peers)
+            self.stats["push_pulls"] += 1
+            self._send(PeerAddr(m.peer_id, m.addr), PushPull(self._next_seq(), False, self.state()))
 
     # -- sending -------------------------------------------------------------------------
 

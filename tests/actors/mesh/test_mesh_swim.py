@@ -60,8 +60,12 @@ def test_suspicion_timeout_formula_and_shrinking():
 
 def test_retransmits_and_push_pull_scaling():
     c = SwimConfig()
-    assert retransmit_limit(c, 9) == 4 and retransmit_limit(c, 10) == 8
-    assert retransmit_limit(c, 50) == 8
+    assert retransmit_limit(c, 1) == 3 and retransmit_limit(c, 10) == 10
+    assert retransmit_limit(c, 50) == 16  # memberlist's mult x ceil(log10(N + 1)) gives 8
+    for n in range(2, c.max_members + 1):
+        # Each member gets ~Poisson(limit) copies of an update; the chance that some member
+        # gets none, ~(N - 1) x e^-limit, stays below N^(1 - mult) at every size.
+        assert (n - 1) * math.exp(-retransmit_limit(c, n)) < n ** (1 - c.retransmit_mult)
     assert push_pull_scale(30.0, 32) == 30.0 and push_pull_scale(30.0, 64) == 60.0
 
 
@@ -164,6 +168,56 @@ async def test_join_converges(autojump_clock, size):
         assert took < 3 * CFG.push_pull_interval
         assert c.false_deaths() == []
         assert all(n.member_ids("suspect", "dead") == set() for n in c.live())
+        nursery.cancel_scope.cancel()
+
+
+async def test_every_update_reaches_every_member_by_gossip(autojump_clock):
+    # 12 batches of 25 simultaneous refutations (300 updates) at 50 nodes, with LAN timers:
+    # each must reach all 49 others by gossip within 12 rounds. A member that gossip misses
+    # waits for push/pull (60 s at 50 nodes, 300 rounds). With memberlist's retransmit count
+    # (8 at N = 50) ~1.3 % of updates missed a member, and this test failed 8 runs of 8;
+    # with ceil(4 ln 51) = 16 the chance of a miss here is ~1e-3 (300 x 49 x e^-16.3), and
+    # the slowest batch took ~8 rounds.
+    config = SwimConfig(join_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, config, seed=11)
+        first = await c.add()
+        for _ in range(49):
+            await c.add([first.addr])
+        await c.wait_converged(limit=60.0)
+        rng = random.Random(11)
+        nodes = list(c.nodes.values())
+        slowest = 0.0
+        for _ in range(12):
+            sources = rng.sample(nodes, 25)
+            for src in sources:
+                src._refute(src.incarnation)
+            want = {src.peer_id: src.incarnation for src in sources}
+
+            def spread(want: dict[str, int] = want) -> bool:
+                return all(
+                    n.members[p].incarnation >= inc
+                    for n in nodes
+                    for p, inc in want.items()
+                    if p != n.peer_id
+                )
+
+            start = trio.current_time()
+            with trio.move_on_after(12 * config.gossip_interval):
+                while not spread():  # noqa: ASYNC110 (polls protocol state)
+                    await trio.sleep(config.gossip_interval / 4)
+            missed = [
+                (n.peer_id, p)
+                for n in nodes
+                for p, inc in want.items()
+                if p != n.peer_id and n.members[p].incarnation < inc
+            ]
+            assert missed == [], f"gossip missed (member, update about): {missed}"
+            slowest = max(slowest, trio.current_time() - start)
+            await trio.sleep(1.0)
+        assert slowest <= 12 * config.gossip_interval
+        assert all(n._broadcasts.evicted == 0 for n in nodes)
+        assert c.false_deaths() == []
         nursery.cancel_scope.cancel()
 
 
