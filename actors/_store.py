@@ -570,6 +570,21 @@ def _correct_messages(
     return acks
 
 
+def _current_seqs(con: duckdb.DuckDBPyConnection, chunk_ids: list[str]) -> dict[str, int]:
+    """The stored seq of each of ``chunk_ids`` that exists (from ``chunk_keys``)."""
+    if not chunk_ids:
+        return {}
+    rows = _insert_arrow(
+        con,
+        "SELECT FROM chunk_keys",
+        "_symbiote_ids",
+        pa.table({"chunk_id": _col("chunk_id", chunk_ids, _STR)}),
+        "SELECT chunk_id, seq FROM chunk_keys"
+        " WHERE chunk_id IN (SELECT chunk_id FROM _symbiote_ids)",
+    )
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
 def _write_chunks(
     con: duckdb.DuckDBPyConnection, preps: list[_Prepared], base_seq: int, dim: int
 ) -> tuple[dict[int, WriteAck], list[ChunkChange]]:
@@ -598,6 +613,19 @@ def _write_chunks(
     changes: list[ChunkChange] = []
     seq = base_seq
 
+    # ``chunks`` has no index (see _CHUNK_KEYS_MIGRATION in schema/ddl.py): the current seq
+    # of each key is in ``chunk_keys``, and an old version is deleted by its seq, which
+    # follows insertion order, so zone maps keep that delete from scanning the table.
+    old = _current_seqs(con, list(final))
+    if old:
+        _insert_arrow(
+            con,
+            "DELETE FROM chunks",
+            "_symbiote_old",
+            pa.table({"seq": pa.array(list(old.values()), pa.int64())}),
+            "DELETE FROM chunks WHERE seq IN (SELECT seq FROM _symbiote_old)",
+        )
+
     if upserts:
         chunks = [p.chunks[j] for _, p, j in upserts]
         all_rows = np.concatenate(matrices) if len(matrices) > 1 else matrices[0]
@@ -619,42 +647,45 @@ def _write_chunks(
         )
         _insert_arrow(
             con,
-            "INSERT OR REPLACE INTO chunks",
+            "INSERT INTO chunks",
             "_symbiote_chunks",
             table,
-            "INSERT OR REPLACE INTO chunks BY NAME SELECT * FROM _symbiote_chunks",
+            "INSERT INTO chunks BY NAME SELECT * FROM _symbiote_chunks",
+        )
+        _insert_arrow(
+            con,
+            "INSERT OR REPLACE INTO chunk_keys",
+            "_symbiote_keys",
+            table.select(["chunk_id", "seq"]),
+            "INSERT OR REPLACE INTO chunk_keys BY NAME SELECT * FROM _symbiote_keys",
         )
         changes.extend(
             ChunkChange(cid, int(s)) for (cid, _, _), s in zip(upserts, seqs, strict=True)
         )
 
-    deleted: set[str] = set()
-    if deletes:
-        ids_table = pa.table({"chunk_id": _col("chunk_id", deletes, _STR)})
-        rows = _insert_arrow(
+    # Only ids that existed leave a tombstone; keep the request order for their seqs.
+    gone = [cid for cid in deletes if cid in old]
+    deleted = set(gone)
+    if gone:
+        _insert_arrow(
             con,
-            "DELETE FROM chunks",
+            "DELETE FROM chunk_keys",
             "_symbiote_delete_ids",
-            ids_table,
-            "DELETE FROM chunks WHERE chunk_id IN (SELECT chunk_id FROM _symbiote_delete_ids)"
-            " RETURNING chunk_id",
+            pa.table({"chunk_id": _col("chunk_id", gone, _STR)}),
+            "DELETE FROM chunk_keys WHERE chunk_id IN (SELECT chunk_id FROM _symbiote_delete_ids)",
         )
-        deleted = {r[0] for r in rows}
-        # Only ids that existed leave a tombstone; keep the request order for their seqs.
-        gone = [cid for cid in deletes if cid in deleted]
-        if gone:
-            tomb_seqs = np.arange(seq + 1, seq + 1 + len(gone), dtype=np.int64)
-            seq += len(gone)
-            _insert_arrow(
-                con,
-                "INSERT INTO chunk_deletes",
-                "_symbiote_tombstones",
-                pa.table({"chunk_id": pa.array(gone, _STR), "seq": pa.array(tomb_seqs)}),
-                "INSERT INTO chunk_deletes BY NAME SELECT * FROM _symbiote_tombstones",
-            )
-            changes.extend(
-                ChunkChange(cid, int(s), True) for cid, s in zip(gone, tomb_seqs, strict=True)
-            )
+        tomb_seqs = np.arange(seq + 1, seq + 1 + len(gone), dtype=np.int64)
+        seq += len(gone)
+        _insert_arrow(
+            con,
+            "INSERT INTO chunk_deletes",
+            "_symbiote_tombstones",
+            pa.table({"chunk_id": pa.array(gone, _STR), "seq": pa.array(tomb_seqs)}),
+            "INSERT INTO chunk_deletes BY NAME SELECT * FROM _symbiote_tombstones",
+        )
+        changes.extend(
+            ChunkChange(cid, int(s), True) for cid, s in zip(gone, tomb_seqs, strict=True)
+        )
 
     if seq != base_seq:
         _exec(

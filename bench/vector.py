@@ -503,6 +503,7 @@ def run_chosen(
     anchors: bool,
     n_queries: int,
     vss_n: int | None = None,
+    freshness_probes: int = 40,
 ) -> dict[str, Any]:
     """The chosen setting at ``n``, with the anchors if asked.
 
@@ -545,7 +546,8 @@ def run_chosen(
             "standin_p99_ms_1": fig["p99_ms_1"],
         }
     fig["ratio_vs_raw_batch"] = fig["qps_64"] / fig["raw_batch_qps"]
-    fig |= measure_freshness(db_dir)
+    if freshness_probes > 0:
+        fig |= measure_freshness(db_dir, probes=freshness_probes)
     fig["exact_truth_s"] = gt.seconds
     del index
     if anchors:
@@ -676,6 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action="store_true", help="hnswlib vs usearch at 20,000")
     ap.add_argument("--n", type=int, default=None, help="override the vector count")
     ap.add_argument(
+        "--freshness-probes",
+        type=int,
+        default=40,
+        help="probes of the freshness phase with --chosen-only (0 skips it)",
+    )
+    ap.add_argument(
         "--chosen-only",
         action="store_true",
         help="full mode without the sweep: the chosen setting at --n (default 1,000,000)",
@@ -718,7 +726,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.chosen_only:
             n = args.n or 1_000_000
             # The anchors (LanceDB flat, DuckDB vss) are affordable up to 100,000 vectors.
-            fig = run_chosen(n, CHOSEN, tmp, anchors=n <= 100_000, n_queries=1000)
+            fig = run_chosen(
+                n,
+                CHOSEN,
+                tmp,
+                anchors=n <= 100_000,
+                n_queries=1000,
+                freshness_probes=args.freshness_probes,
+            )
             columns = MAIN_COLUMNS + ANCHOR_COLUMNS if n <= 100_000 else MAIN_COLUMNS
             print_table([fig], columns, title=f"chosen setting at {n:,}")
             figures |= fig

@@ -153,6 +153,8 @@ def test_chunks_get_increasing_seq_and_tombstones(
     rows = con.execute("SELECT chunk_id, text, embedding, seq FROM chunks").fetchall()
     assert rows == [("d:0", "new", (2.0, 0.5, 0.25, 0.125), 3)]
     assert con.execute("SELECT * FROM chunk_deletes").fetchall() == [("d:1", 4)]
+    # The key table follows: one row per live chunk, with its current seq.
+    assert con.execute("SELECT * FROM chunk_keys").fetchall() == [("d:0", 3)]
     # The sequence survives a restart of the writer.
     assert StoreState.load(con, state.limits).high_seq == 4
 

@@ -150,3 +150,31 @@ def test_partition_migration_keeps_the_rows_of_a_version_2_file(db: str) -> None
     # The hot table kept the unique key.
     with pytest.raises(duckdb.ConstraintException):
         con.execute("INSERT INTO messages_hot SELECT * FROM messages_hot LIMIT 1")
+
+
+def test_chunks_keep_their_key_outside_the_wide_table(db: str) -> None:
+    # Version 3 had chunk_id as chunks' primary key; version 4 moves it to chunk_keys, so no
+    # ART index sits on the wide table (each DuckDB checkpoint rewrote the whole table).
+    con = duckdb.connect(db)
+    assert migrate(con, 8, migrations=MIGRATIONS[:3]) == 3
+    con.execute(
+        "INSERT INTO chunks VALUES ('a', 'd', 't', [1,0,0,0,0,0,0,0], NULL, 1),"
+        " ('b', 'd', 't', [0,1,0,0,0,0,0,0], '{\"x\": 1}', 2)"
+    )
+    assert migrate(con, 8) == CURRENT_VERSION
+    assert con.execute("SELECT chunk_id, seq FROM chunk_keys ORDER BY seq").fetchall() == [
+        ("a", 1),
+        ("b", 2),
+    ]
+    assert con.execute("SELECT chunk_id, metadata FROM chunks ORDER BY seq").fetchall() == [
+        ("a", None),
+        ("b", '{"x": 1}'),
+    ]
+    on_chunks = con.execute(
+        "SELECT count(*) FROM duckdb_indexes() WHERE table_name = 'chunks'"
+    ).fetchone()
+    keys = con.execute(
+        "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'chunks'"
+        " AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')"
+    ).fetchone()
+    assert on_chunks == (0,) and keys == (0,)
