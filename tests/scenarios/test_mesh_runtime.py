@@ -17,18 +17,12 @@ import trio
 from symbiote.actors.mesh.pki import MeshCA
 from symbiote.runtime import BadArgument, Config, ConfigError, Runtime, open_runtime
 from symbiote.runtime._guard import LoopGuard
-from symbiote.schema.mesh import RowSyncConfig, SwimConfig, TrustConfig
+from symbiote.schema.mesh import RowSyncConfig, TrustConfig
 from symbiote.schema.records import Chunk, Document
+from tests.actors.mesh.timers import FAST_SWIM
 
 DIM = 16
-SWIM = SwimConfig(
-    probe_interval=0.2,
-    probe_timeout=0.1,
-    gossip_interval=0.04,
-    push_pull_interval=1.0,
-    reconnect_interval=0.5,
-    join_timeout=3.0,
-)
+SWIM = FAST_SWIM
 
 
 @pytest.fixture

@@ -29,21 +29,14 @@ from symbiote.schema.errors import BadArgument, InvalidRecord
 from symbiote.schema.mesh import (
     Grant,
     RowSyncConfig,
-    SwimConfig,
     TransportConfig,
     TrustConfig,
 )
 from symbiote.schema.search import SearchFilter
+from tests.actors.mesh.timers import FAST_SWIM
 
 DIM = 8
-SWIM = SwimConfig(
-    probe_interval=0.2,
-    probe_timeout=0.1,
-    gossip_interval=0.04,
-    push_pull_interval=1.0,
-    reconnect_interval=0.5,
-    join_timeout=3.0,
-)
+SWIM = FAST_SWIM
 SYNC = RowSyncConfig(sync_interval=0.05, sync_timeout=1.0)
 TRUST = TrustConfig(report_interval=None, recompute_interval=3600)
 

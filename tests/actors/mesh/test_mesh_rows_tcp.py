@@ -12,16 +12,10 @@ from symbiote.actors.mesh.pki import MeshCA, NodeCredentials
 from symbiote.actors.mesh.rows import MemoryRowLog
 from symbiote.actors.mesh.swim import SwimNode
 from symbiote.actors.mesh.transport import TcpTransport
-from symbiote.schema.mesh import RowSyncConfig, SwimConfig, TransportConfig, TrustConfig
+from symbiote.schema.mesh import RowSyncConfig, TransportConfig, TrustConfig
+from tests.actors.mesh.timers import FAST_SWIM
 
-SWIM = SwimConfig(
-    probe_interval=0.2,
-    probe_timeout=0.1,
-    gossip_interval=0.04,
-    push_pull_interval=1.0,
-    reconnect_interval=0.5,
-    join_timeout=3.0,
-)
+SWIM = FAST_SWIM
 SYNC = RowSyncConfig(sync_interval=0.05, sync_timeout=1.0, max_batch_rows=16)
 
 

@@ -10,17 +10,11 @@ from symbiote.actors.mesh.identity import NodeIdentity
 from symbiote.actors.mesh.pki import MeshCA, NodeCredentials
 from symbiote.actors.mesh.swim import SwimNode
 from symbiote.actors.mesh.transport import TcpTransport
-from symbiote.schema.mesh import SwimConfig, TransportConfig
+from symbiote.schema.mesh import TransportConfig
+from tests.actors.mesh.timers import FAST_SWIM
 
 # Real time, so timers are scaled down (x 1/5 of the LAN profile) to keep the test short.
-CFG = SwimConfig(
-    probe_interval=0.2,
-    probe_timeout=0.1,
-    gossip_interval=0.04,
-    push_pull_interval=1.0,
-    reconnect_interval=0.5,
-    join_timeout=3.0,
-)
+CFG = FAST_SWIM
 
 
 async def test_three_nodes_join_and_detect_a_crash_over_tls():
