@@ -165,9 +165,12 @@ def _runtime_config(db_dir: Path, params: VectorParams) -> Any:
     )
 
 
-async def _wait_indexed(rt: Any, limit_s: float = 300.0) -> None:
+async def _wait_indexed(rt: Any, n: int) -> None:
     # The index builds in the background after open_runtime; until it is ready, searches are
-    # exact scans in DuckDB, which is not what the QPS figures are about.
+    # exact scans in DuckDB, which is not what the QPS figures are about. The limit grows with
+    # the size: at 1,000,000 x 768 the index adds ~1,000-2,500 vectors/s on this machine, so
+    # after a load through the writer it may be minutes behind (300 s was too short there).
+    limit_s = max(300.0, 0.003 * n)
     await rt.wait_index_ready(timeout=limit_s)
     rows = await rt.query("SELECT value FROM symbiote_meta WHERE key = 'chunk_seq'", fmt="records")
     target = int(rows[0]["value"])
@@ -195,7 +198,7 @@ async def _load_runtime(rt: Any, base: np.ndarray, ids: list[str]) -> None:
                     for i in range(s, min(s + step, len(ids)))
                 ]
             )
-    await _wait_indexed(rt)
+    await _wait_indexed(rt, len(ids))
 
 
 def measure_runtime_search(
@@ -254,7 +257,9 @@ def measure_runtime_search(
 PROBE_LIMIT_S = 30.0
 
 
-def measure_freshness(db_dir: Path, probes: int = 40, rate: float = 1000.0) -> dict[str, Any]:
+def measure_freshness(
+    db_dir: Path, probes: int = 40, rate: float = 1000.0, *, n: int = 0
+) -> dict[str, Any]:
     """Seconds from an acknowledged ``upsert_chunks`` to ``search`` returning the chunk.
 
     Runs on the runtime of :func:`measure_runtime_search` (its index holds ``n`` vectors)
@@ -280,7 +285,7 @@ def measure_freshness(db_dir: Path, probes: int = 40, rate: float = 1000.0) -> d
 
     async def run() -> None:
         async with open_runtime(_runtime_config(db_dir, CHOSEN)) as rt:
-            await _wait_indexed(rt)
+            await _wait_indexed(rt, n)
             ingested = 0
             lags: list[float] = []
 
@@ -561,7 +566,7 @@ def run_chosen(
         }
     fig["ratio_vs_raw_batch"] = fig["qps_64"] / fig["raw_batch_qps"]
     if freshness_probes > 0:
-        fig |= measure_freshness(db_dir, probes=freshness_probes)
+        fig |= measure_freshness(db_dir, probes=freshness_probes, n=n)
     fig["exact_truth_s"] = gt.seconds
     del index
     if anchors:
