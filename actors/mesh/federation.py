@@ -122,6 +122,21 @@ class LocalHit(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, Any] | None = None
 
 
+def _cited(origin: str, h: LocalHit | FedHit) -> MeshHit:
+    """``h`` as a merged hit naming the peer it came from."""
+    return MeshHit(
+        origin=origin,
+        chunk_id=h.chunk_id,
+        document_id=h.document_id,
+        distance=h.distance,
+        text=h.text,
+        title=h.title,
+        authors=h.authors,
+        tags=h.tags,
+        metadata=h.metadata,
+    )
+
+
 #: This node's own search: (vector, k, filter, timeout) -> nearest hits, nearest first.
 LocalSearch = Callable[[F32Array, int, SearchFilter | None, float], Awaitable[list[LocalHit]]]
 
@@ -457,20 +472,7 @@ class Federation:
         try:
             with trio.move_on_after(deadline):
                 hits = await self.local(query, k, flt, deadline)
-                out.extend(
-                    MeshHit(
-                        origin=self.peer_id,
-                        chunk_id=h.chunk_id,
-                        document_id=h.document_id,
-                        distance=h.distance,
-                        text=h.text,
-                        title=h.title,
-                        authors=h.authors,
-                        tags=h.tags,
-                        metadata=h.metadata,
-                    )
-                    for h in hits[:k]
-                )
+                out.extend(_cited(self.peer_id, h) for h in hits[:k])
                 state["state"] = "answered"
         except SymbioteError as exc:
             log.warning("local part of a federated search failed: %s", exc, extra=self._extra)
@@ -507,19 +509,7 @@ class Federation:
             if not (math.isfinite(h.distance) and -1e-6 <= h.distance <= 2.0 + 1e-6):
                 self.stats["bad_answer"] += 1
                 continue
-            hits.append(
-                MeshHit(
-                    origin=peer,
-                    chunk_id=h.chunk_id,
-                    document_id=h.document_id,
-                    distance=h.distance,
-                    text=h.text,
-                    title=h.title,
-                    authors=h.authors,
-                    tags=h.tags,
-                    metadata=h.metadata,
-                )
-            )
+            hits.append(_cited(peer, h))
         self.stats["answers_in"] += 1
         pending.answer(peer, hits, list(answer.redacted))
 
