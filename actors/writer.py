@@ -214,13 +214,19 @@ class Writer(Actor):
 
     def _publish(self, notice: ChunksCommitted) -> None:
         for ref in self._subscribers():
+            # Never hold commits hostage to a follower: it sees the gap in ``seq`` with the
+            # next notice (or at its restart) and catches up from the table.
             try:
                 ref.tell_nowait(notice)
-            except (Busy, ActorStopped):
-                # Never hold commits hostage to a slow follower: it sees the gap in ``seq``
-                # with the next notice (or at its restart) and catches up from the table.
+            except Busy:
+                # Its mailbox is full: it is falling behind, which is worth a warning.
                 self.dropped_notifications += 1
                 log.warning("follower missed a commit notice", extra={"follower": ref.name})
+            except ActorStopped:
+                # Expected in a normal stop: the tree stops the follower before the writer,
+                # which may still be committing. A restarted follower reads the table.
+                self.dropped_notifications += 1
+                log.debug("stopped follower missed a commit notice", extra={"follower": ref.name})
 
 
 class _Committed:
