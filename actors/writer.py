@@ -27,6 +27,7 @@ from symbiote.actors.database import Database
 from symbiote.runtime import Actor, ActorRef, Busy, Inbox, Request
 from symbiote.schema.ddl import migrate
 from symbiote.schema.errors import (
+    ActorCrashed,
     ActorStopped,
     DeadlineExceeded,
     Failure,
@@ -222,9 +223,11 @@ class Writer(Actor):
                 # Its mailbox is full: it is falling behind, which is worth a warning.
                 self.dropped_notifications += 1
                 log.warning("follower missed a commit notice", extra={"follower": ref.name})
-            except ActorStopped:
+            except (ActorStopped, ActorCrashed):
                 # Expected in a normal stop: the tree stops the follower before the writer,
-                # which may still be committing. A restarted follower reads the table.
+                # which may still be committing. A crashed one is being restarted by its
+                # supervisor (its death is logged there); either reads the table at start.
+                # Raising here would crash the writer after a successful commit.
                 self.dropped_notifications += 1
                 log.debug("stopped follower missed a commit notice", extra={"follower": ref.name})
 

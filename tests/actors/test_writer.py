@@ -1,4 +1,4 @@
-"""The writer actor in a runtime: what it logs about its followers around a normal stop."""
+"""The writer actor and its followers: what it logs and survives when one misses a notice."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from symbiote.actors.database import Database
+from symbiote.actors.writer import Writer
 from symbiote.runtime import Config, open_runtime
 from symbiote.runtime._guard import LoopGuard
-from symbiote.schema.messages import UpsertChunks
+from symbiote.schema.errors import ActorCrashed, ActorStopped, Busy
+from symbiote.schema.messages import ChunksCommitted, UpsertChunks
+from symbiote.schema.records import Limits
 from tests.actors.index_data import DIM, chunk_for
 
 GROUP = 25  # max_batch_rows: one commit (and one commit notice) per queued message
@@ -36,3 +40,35 @@ async def test_normal_stop_logs_no_missed_commit_warning(
     assert missed, "no commit notice was published after the index stopped"
     # ... and a follower that stopped is not worth a warning: it catches up at its restart.
     assert [r for r in missed if r.levelno >= logging.WARNING] == []
+
+
+class _GoneFollower:
+    """A follower ref whose mailbox refuses, the way a dead incarnation's does."""
+
+    name = "data/index"
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def tell_nowait(self, msg: object) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (Busy("full"), logging.WARNING),
+        (ActorStopped("stopped"), logging.DEBUG),
+        (ActorCrashed("crashed"), logging.DEBUG),
+    ],
+)
+def test_a_follower_that_refuses_a_notice_never_crashes_the_writer(
+    error: Exception, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="symbiote.writer")
+    follower = _GoneFollower(error)
+    writer = Writer(Database(":memory:"), Limits(dim=DIM), subscribers=lambda: [follower])  # type: ignore[list-item]
+    # After a successful commit: raising here would crash the writer and restart its readers.
+    writer._publish(ChunksCommitted(changes=(), high_seq=7))
+    assert writer.dropped_notifications == 1
+    assert [r.levelno for r in caplog.records] == [level]
