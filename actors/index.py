@@ -66,6 +66,7 @@ from symbiote.actors._vector import (
     VectorChecks,
     VectorIndex,
     VectorParams,
+    ef_for_size,
 )
 from symbiote.actors.database import Database
 from symbiote.runtime import Actor, ActorRef, Busy, Inbox, Request
@@ -161,6 +162,9 @@ class IndexInfo(msgspec.Struct, frozen=True, kw_only=True):
     batches: int
     catchups: int
     notices: int
+    #: The ef a search without ``ef=`` uses now (it grows with ``count``; see
+    #: :func:`~symbiote.actors._vector.ef_for_size`).
+    default_ef: int
 
 
 class IndexSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -403,6 +407,7 @@ class Index(Actor):
             batches=self.batches,
             catchups=self.catchups,
             notices=self.notices,
+            default_ef=ef_for_size(self.settings.params, len(index) if index is not None else 0),
         )
 
     # -- search ----------------------------------------------------------------------------
@@ -413,7 +418,7 @@ class Index(Actor):
             # reaches the library (checks are pure functions of the params: microseconds).
             vector = _checked_vector(msg.vector, self._checks)
             k = self._checks.check_k(msg.k)
-            ef = self._checks.check_ef(msg.ef)
+            ef = self._checks.check_ef(msg.ef, len(self._index) if self._index is not None else 0)
         except SymbioteError as exc:
             request.fail(exc)
             return

@@ -96,6 +96,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     index_ef_construction: int = 128
     #: Default search breadth (per call: ``search(..., ef=)``); raised to k automatically.
     index_ef_search: int = 64
+    #: Past 500,000 vectors, raise the default ef 1.5x for each doubling of the index (at
+    #: most 8x): recall at a fixed ef falls as the graph grows (docs/vector-search.md).
+    index_ef_auto: bool = True
     #: Library threads for batch builds and searches (0: one per core).
     index_threads: int = 0
     index_mailbox: int = 1024

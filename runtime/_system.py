@@ -144,6 +144,7 @@ def index_settings(config: Config) -> IndexSettings:
         M=config.index_m,
         ef_construction=config.index_ef_construction,
         ef_search=config.index_ef_search,
+        ef_auto=config.index_ef_auto,
         # The index's own cap bounds one over-fetch of a filtered search, not the caller's k.
         max_k=max(config.search_max_fetch, config.search_max_k),
         backend=config.index_backend,

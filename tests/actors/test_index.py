@@ -92,7 +92,10 @@ async def test_update_moves_a_chunk(rt: Runtime) -> None:
     assert near_new.distances[0] == pytest.approx(0.0, abs=1e-5)
     near_old = await rt.search(vector(5), k=5, ef=400)
     assert moved.chunk_id not in near_old.chunk_ids
-    assert (await rt.index_status()).count == 200
+    status = await rt.index_status()
+    assert status.count == 200
+    # Far below the size where the default ef starts to grow.
+    assert status.default_ef == Config().index_ef_search
 
 
 async def test_deletes_never_come_back(tmp_path: Path, loop_guard: LoopGuard) -> None:

@@ -12,12 +12,14 @@ import trio
 import trio.testing
 
 from symbiote.actors._vector import (
+    AUTO_EF_FROM,
     MicroBatcher,
     SnapshotCorrupt,
     SnapshotIncompatible,
     SnapshotMissing,
     VectorIndex,
     VectorParams,
+    ef_for_size,
 )
 from symbiote.actors._vector_sql import (
     create_hnsw_index_sql,
@@ -282,6 +284,30 @@ def test_bad_mutations_leave_index_untouched(data) -> None:
     assert len(idx) == 100 and idx.highest_seq == 1 and "a" not in idx
     after = idx.search(base[:5], k=5)
     assert np.array_equal(before.ids, after.ids)
+
+
+def test_default_ef_grows_with_each_doubling_of_the_index_past_the_threshold() -> None:
+    auto = VectorParams(dim=DIM, ef_search=64)
+    assert ef_for_size(auto, 0) == 64
+    assert ef_for_size(auto, AUTO_EF_FROM) == 64
+    assert ef_for_size(auto, AUTO_EF_FROM + 1) == 96
+    assert ef_for_size(auto, 2 * AUTO_EF_FROM) == 96
+    assert ef_for_size(auto, 2 * AUTO_EF_FROM + 1) == 144
+    # Capped at 8x the configured value, however large the index grows.
+    assert ef_for_size(auto, 10**12) == 8 * 64
+    fixed = VectorParams(dim=DIM, ef_search=64, ef_auto=False)
+    assert ef_for_size(fixed, 10**9) == 64
+
+
+def test_search_without_ef_uses_the_size_scaled_default(data) -> None:
+    base, ids, _ = data
+    index = VectorIndex(VectorParams(dim=DIM, ef_search=16))
+    index.add(ids, base, seq=1)
+    assert index.check_ef(None, len(index)) == 16
+    big = AUTO_EF_FROM * 3
+    assert index.check_ef(None, big) == 36
+    # An explicit ef is taken as given, whatever the size.
+    assert index.check_ef(40, big) == 40
 
 
 def test_params_are_validated() -> None:
