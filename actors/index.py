@@ -478,8 +478,9 @@ class Index(Actor):
         k = max(r.msg.k for r in group)
         queries = np.stack([r.msg.vector for r in group])
         try:
+            # Each query was checked in _queue_search (so one bad query fails alone).
             res = await trio.to_thread.run_sync(
-                index.search, queries, k, ef, limiter=self._index_limiter
+                index.search_checked, queries, k, ef, limiter=self._index_limiter
             )
         except SymbioteError as exc:
             for request in group:
@@ -490,16 +491,21 @@ class Index(Actor):
         doc_of = self._doc_of
         count = len(index)
         seq = index.highest_seq
+        # Whole-batch conversions: one numpy call each instead of several per request.
+        # Clamp float noise: a vector's distance to itself can come out as -2e-7.
+        all_ids = res.ids.tolist()
+        all_dist = np.maximum(res.distances, 0.0).tolist()
         for row, request in enumerate(group):
             kk = request.msg.k
-            ids = [c for c in res.ids[row, :kk].tolist() if c is not None]
-            # Clamp float noise: a vector's distance to itself can come out as -2e-7.
-            dist = np.maximum(res.distances[row, : len(ids)], 0.0).tolist()
+            ids = all_ids[row][:kk]
+            if None in ids:
+                # Fewer than k live chunks: the missing slots are at the end of the row.
+                ids = ids[: ids.index(None)]
             request.reply(
                 KnnHits(
                     chunk_ids=ids,
                     document_ids=[doc_of.get(c, "") for c in ids],
-                    distances=dist,
+                    distances=all_dist[row][: len(ids)],
                     count=count,
                     highest_seq=seq,
                 )
