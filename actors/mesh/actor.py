@@ -382,6 +382,13 @@ class Mesh(Actor):
         for addrs in peers_t.column(1).to_pylist():
             seeds.extend(a for a in addrs or () if a not in seeds)
         self._seeds = seeds
+        # Bound here, not in run(): a taken port then fails the start (open_runtime raises
+        # ConfigError naming mesh_listen) instead of crashing the running actor again and
+        # again until its supervisor gives up.
+        try:
+            await self.transport.bind()
+        except ConfigError as exc:
+            raise ConfigError(exc.message, field="mesh_listen") from exc
         self._started = True
         log.info(
             "mesh node ready",
@@ -780,6 +787,8 @@ class Mesh(Actor):
     async def on_stop(self) -> None:
         if not self._started:
             return
+        # Sockets bound by on_start that run() never took over (a stop right after start).
+        await self.transport.aclose_listeners()
         # Within the shutdown deadline (the supervisor's scope): what is left of the backlog,
         # then the state. What does not make it is fetched again from peers after a restart.
         try:

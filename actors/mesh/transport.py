@@ -36,6 +36,7 @@ from symbiote.actors.mesh.identity import KeyRing
 from symbiote.actors.mesh.net import Inbound, PeerAddr, parse_addr
 from symbiote.actors.mesh.pki import NodeCredentials, peer_from_certificate
 from symbiote.actors.mesh.ratelimit import BucketTable
+from symbiote.schema.errors import ConfigError
 from symbiote.schema.mesh import (
     PROTOCOL_VERSION,
     FrameError,
@@ -123,6 +124,7 @@ class TcpTransport:
         )
         self._nursery: trio.Nursery | None = None
         self._local: PeerAddr | None = None
+        self._listeners: list[trio.SocketListener] | None = None
         #: Counters, keys in ``STAT_KEYS``.
         self.stats: Counter[str] = Counter({k: 0 for k in STAT_KEYS})
 
@@ -186,12 +188,38 @@ class TcpTransport:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    async def bind(self) -> None:
+        """Open the listening sockets now (``serve`` uses them); idempotent.
+
+        Raises :class:`~symbiote.schema.errors.ConfigError` (field ``listen``) when the
+        address cannot be bound, e.g. the port is taken: the owner can then fail its start
+        cleanly instead of crashing once it runs.
+        """
+        if self._listeners is not None:
+            return
+        try:
+            self._listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        except OSError as exc:
+            where = f"{self.config.host}:{self.config.port}"
+            raise ConfigError(
+                f"cannot listen on {where}: {exc.strerror or exc}", field="listen"
+            ) from exc
+
+    async def aclose_listeners(self) -> None:
+        """Close sockets from :meth:`bind` that ``serve`` never took over."""
+        listeners, self._listeners = self._listeners, None
+        for listener in listeners or ():
+            await listener.aclose()
+
     async def serve(
         self, *, task_status: trio.TaskStatus[TcpTransport] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen and run connections until cancelled."""
+        """Listen (on the sockets of :meth:`bind`, if called) and run connections until
+        cancelled."""
         async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+            await self.bind()
+            listeners, self._listeners = self._listeners, None
+            assert listeners is not None
             host, port = listeners[0].socket.getsockname()[:2]
             advertise = self.config.advertise or (
                 f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -231,3 +231,27 @@ async def test_a_misconfigured_mesh_fails_the_start_with_the_field(
     with pytest.raises(ConfigError) as err:
         Config(mesh_enabled=True)
     assert err.value.field == "mesh_ca_cert_path"
+
+
+async def test_a_taken_listen_port_fails_the_start_and_leaves_the_database_usable(
+    tmp_path: Path, network_key: tuple[Path, Path], loop_guard: LoopGuard
+) -> None:
+    import msgspec
+
+    squatter = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = squatter.socket.getsockname()[1]
+    cfg = msgspec.structs.replace(
+        node_config(tmp_path, "a", network_key), mesh_listen=f"127.0.0.1:{port}"
+    )
+    try:
+        with trio.fail_after(30), pytest.raises(ConfigError) as err:
+            async with open_runtime(cfg):
+                pass
+        assert err.value.field == "mesh_listen"
+        assert str(port) in err.value.message
+    finally:
+        await squatter.aclose()
+    # Nothing half-started is left behind: the same file and the freed port start cleanly.
+    async with open_runtime(cfg) as rt:
+        await rt.ingest([])
+        assert [c.id for c in rt.tree().children] == ["data", "mesh"]
