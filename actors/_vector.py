@@ -34,12 +34,15 @@ thread.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
 import os
 import secrets
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -436,6 +439,55 @@ def _sha256(path: Path, should_stop: StopCheck | None = None) -> str:
     return h.hexdigest()
 
 
+#: Whether snapshot files are written by a forked child process by default (see
+#: :func:`_write_in_child`). Only where ``fork`` is the platform's own (Linux).
+FORK_SAVES: Final = sys.platform == "linux" and hasattr(os, "fork")
+#: How often the parent checks ``should_stop`` while the child writes.
+_CHILD_POLL_S = 0.05
+
+
+def _write_in_child(write: Callable[[], None], should_stop: StopCheck | None = None) -> None:
+    """Run ``write`` in a forked child process and wait for it (blocking; call from a worker
+    thread).
+
+    hnswlib's ``save_index`` holds the GIL for the whole write (10.4 s at 1,000,000 x 768):
+    every Python thread, the event loop included, would stop. The child gets a copy-on-write
+    image of the index as of the fork and writes it while this process runs on; the fork
+    itself holds the GIL for the page-table copy only. The child touches nothing but the
+    index and the files (no locks other threads may hold: no logging, no imports), and leaves
+    with ``os._exit``. ``should_stop`` is polled while waiting; if it says stop, the child is
+    killed and :class:`Interrupted` raised.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child process
+        os.close(read_end)
+        status = 0
+        try:
+            write()
+        except BaseException as exc:  # reported to the parent, then exit
+            os.write(write_end, repr(exc).encode()[:4096])
+            status = 1
+        os._exit(status)
+    os.close(write_end)
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if should_stop is not None and should_stop():
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise Interrupted("stopped while writing a snapshot", field="should_stop")
+            time.sleep(_CHILD_POLL_S)
+        message = os.read(read_end, 4096).decode(errors="replace")
+    finally:
+        os.close(read_end)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        why = message or f"wait status {status}"
+        raise OSError(f"snapshot writer process failed: {why}")
+
+
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as fh:
         os.fsync(fh.fileno())
@@ -717,25 +769,31 @@ class VectorIndex(VectorChecks):
     # -- snapshots
 
     def save(
-        self, directory: str | os.PathLike[str], *, should_stop: StopCheck | None = None
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        should_stop: StopCheck | None = None,
+        in_child: bool = FORK_SAVES,
     ) -> Path:
         """Write a snapshot under ``directory`` atomically; returns the snapshot's folder.
 
         The previous snapshot stays valid until the new manifest has replaced
         ``CURRENT.json``, and is removed after that. ``should_stop`` is polled while the
-        files are hashed; when it returns True the partial snapshot is removed and
-        :class:`Interrupted` raised (the previous snapshot stays current).
+        files are written and hashed; when it returns True the partial snapshot is removed
+        and :class:`Interrupted` raised (the previous snapshot stays current).
+        ``in_child`` writes the index and id files from a forked process, so the library's
+        GIL-holding save does not stop this process's threads (the default on Linux).
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         snap = root / f"snap-{self._highest_seq:012d}-{secrets.token_hex(4)}"
         snap.mkdir()
         try:
-            index_path = snap / _INDEX_FILE
-            self._backend.save(index_path)
-            labels = list(self._id_to_label.values())
-            table = _IdTable(labels=labels, ids=list(self._id_to_label))
-            (snap / _IDS_FILE).write_bytes(msgspec.msgpack.encode(table))
+            write = functools.partial(self._write_files, snap)
+            if in_child:
+                _write_in_child(write, should_stop)
+            else:
+                write()
             files: dict[str, FileDigest] = {}
             for name in (_INDEX_FILE, _IDS_FILE):
                 path = snap / name
@@ -765,6 +823,12 @@ class VectorIndex(VectorChecks):
                 shutil.rmtree(old, ignore_errors=True)
         log.info("vector snapshot %s: %d vectors, seq %d", snap, len(self), self._highest_seq)
         return snap
+
+    def _write_files(self, snap: Path) -> None:
+        self._backend.save(snap / _INDEX_FILE)
+        labels = list(self._id_to_label.values())
+        table = _IdTable(labels=labels, ids=list(self._id_to_label))
+        (snap / _IDS_FILE).write_bytes(msgspec.msgpack.encode(table))
 
     @staticmethod
     def read_manifest(directory: str | os.PathLike[str]) -> SnapshotManifest:

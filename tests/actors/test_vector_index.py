@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,12 +15,15 @@ import trio.testing
 
 from symbiote.actors._vector import (
     AUTO_EF_FROM,
+    FORK_SAVES,
+    Interrupted,
     MicroBatcher,
     SnapshotCorrupt,
     SnapshotIncompatible,
     SnapshotMissing,
     VectorIndex,
     VectorParams,
+    _write_in_child,
     ef_for_size,
 )
 from symbiote.actors._vector_sql import (
@@ -188,6 +193,73 @@ def test_snapshot_round_trip(built: VectorIndex, data, tmp_path: Path) -> None:
     assert loaded.highest_seq == built.highest_seq and len(loaded) == len(built)
     assert np.array_equal(before.ids, after.ids)
     assert np.allclose(before.distances, after.distances)
+
+
+needs_fork = pytest.mark.skipif(not FORK_SAVES, reason="snapshot writes fork only on Linux")
+
+
+@needs_fork
+def test_a_snapshot_written_by_a_child_process_equals_one_written_here(
+    built: VectorIndex, tmp_path: Path
+) -> None:
+    child = VectorIndex.read_manifest(built.save(tmp_path / "child", in_child=True).parent)
+    here = VectorIndex.read_manifest(built.save(tmp_path / "here", in_child=False).parent)
+    assert child.files == here.files  # same sizes, same sha256: byte-identical files
+    assert child.highest_seq == here.highest_seq and child.count == here.count
+
+
+@needs_fork
+def test_a_failed_child_write_raises_and_keeps_the_previous_snapshot(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, ids, _ = data
+    idx = fresh()
+    idx.add(ids[:300], base[:300], seq=1)
+    first = idx.save(tmp_path)
+    idx.add(ids[300:600], base[300:600], seq=2)
+
+    def broken_disk(path: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    # The child inherits the patched library object: its write fails there.
+    monkeypatch.setattr(idx._backend, "save", broken_disk)
+    with pytest.raises(OSError, match="No space left"):
+        idx.save(tmp_path)
+    assert [p.name for p in tmp_path.glob("snap-*")] == [first.name]
+    assert len(VectorIndex.load(tmp_path)) == 300
+
+
+@needs_fork
+def test_a_stop_kills_the_snapshot_writer_process() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted):
+        _write_in_child(lambda: time.sleep(30), should_stop=lambda: time.monotonic() - t0 > 0.2)
+    assert time.monotonic() - t0 < 5
+
+
+def _ticks_while(target: Callable[[], object]) -> int:
+    """How many 1 ms sleeps this thread completes while ``target`` runs in another thread."""
+    ticks = 0
+    worker = threading.Thread(target=target)
+    worker.start()
+    while worker.is_alive():
+        ticks += 1
+        time.sleep(0.001)
+    worker.join()
+    return ticks
+
+
+@needs_fork
+def test_the_parent_keeps_running_python_while_the_child_writes() -> None:
+    def hold_the_gil() -> None:
+        # One long C call that never releases the GIL, like hnswlib's save_index.
+        sum(range(40_000_000))
+
+    in_process = _ticks_while(hold_the_gil)
+    in_child = _ticks_while(lambda: _write_in_child(hold_the_gil))
+    # In this process the call stops every other Python thread; in a child it stops none.
+    assert in_process < 20
+    assert in_child > 100
 
 
 def test_missing_and_damaged_snapshots(data, tmp_path: Path) -> None:
