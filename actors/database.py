@@ -27,11 +27,19 @@ class Database:
     """Where the DuckDB file is and, while the writer runs, its connection."""
 
     def __init__(
-        self, path: str, *, threads: int | None = None, checkpoint_threshold: str | None = None
+        self,
+        path: str,
+        *,
+        threads: int | None = None,
+        checkpoint_threshold: str | None = None,
+        vacuum: bool = False,
     ) -> None:
         self.path = path
         self.threads = threads
         self.checkpoint_threshold = checkpoint_threshold
+        #: Whether DuckDB's checkpoints may merge row groups (``max_vacuum_tasks``); off by
+        #: default: see Config.db_vacuum.
+        self.vacuum = vacuum
         self._con: duckdb.DuckDBPyConnection | None = None
 
     def open(self) -> duckdb.DuckDBPyConnection:
@@ -45,6 +53,8 @@ class Database:
             config["threads"] = self.threads
         if self.checkpoint_threshold is not None:
             config["checkpoint_threshold"] = self.checkpoint_threshold
+        if not self.vacuum:
+            config["max_vacuum_tasks"] = 0
         try:
             # DuckDB starts its worker threads here; they run below the trio loop's priority.
             self._con = lower_new_threads(lambda: duckdb.connect(self.path, config=config))

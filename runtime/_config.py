@@ -49,6 +49,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: 0.32 s at 256MB; at 100,000 chunks 16MB stalled it past 120 s. Larger means a longer
     #: replay of the WAL after a crash.
     checkpoint_threshold: str = "256MB"
+    #: Let DuckDB's checkpoints vacuum (merge row groups; ``max_vacuum_tasks``). Off by
+    #: default: loading 768-d chunks into a runtime whose index was catching up, vacuuming
+    #: checkpoints stalled single commits for 20-63 s past 400,000 chunks (3.5-8.7 s without),
+    #: and loading 300,000 chunks alone took 49 s against 19 s. The price: space of chunks
+    #: replaced or deleted here and there is not reclaimed (+136 MB per 50,000 updated 768-d
+    #: chunks, measured); deleting whole months from messages_hot frees it either way.
+    db_vacuum: bool = False
     #: How much lower (Unix ``nice``) database threads run than the trio loop's thread, so
     #: heavy queries on few cores do not delay the loop; 0 leaves priorities alone.
     db_thread_nice: int = 10

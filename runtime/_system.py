@@ -893,6 +893,7 @@ async def open_runtime(config: Config | None = None) -> AsyncIterator[Runtime]:
         config.db_path,
         threads=config.duckdb_threads,
         checkpoint_threshold=config.checkpoint_threshold,
+        vacuum=config.db_vacuum,
     )
     partition = partition_spec(config)
     gil_s = None if config.gil_switch_interval_ms is None else config.gil_switch_interval_ms / 1e3

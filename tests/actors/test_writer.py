@@ -72,3 +72,17 @@ def test_a_follower_that_refuses_a_notice_never_crashes_the_writer(
     writer._publish(ChunksCommitted(changes=(), high_seq=7))
     assert writer.dropped_notifications == 1
     assert [r.levelno for r in caplog.records] == [level]
+
+
+@pytest.mark.parametrize(("vacuum", "tasks"), [(False, "0"), (True, "100")])
+async def test_checkpoints_do_not_vacuum_unless_asked(
+    tmp_path: Path, vacuum: bool, tasks: str
+) -> None:
+    # Vacuuming checkpoints stalled single commits for tens of seconds with 768-d chunks
+    # (docs/data-layer.md); the setting is the database's, so every connection reports it.
+    config = Config(db_path=str(tmp_path / "v.duckdb"), dim=DIM, readers=1, db_vacuum=vacuum)
+    async with open_runtime(config) as rt:
+        rows = await rt.query(
+            "SELECT value FROM duckdb_settings() WHERE name = 'max_vacuum_tasks'", fmt="records"
+        )
+    assert rows == [{"value": tasks}]
