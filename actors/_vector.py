@@ -446,7 +446,11 @@ FORK_SAVES: Final = sys.platform == "linux" and hasattr(os, "fork")
 _CHILD_POLL_S = 0.05
 
 
-def _write_in_child(write: Callable[[], None], should_stop: StopCheck | None = None) -> None:
+def _write_in_child(
+    write: Callable[[], None],
+    should_stop: StopCheck | None = None,
+    on_forked: Callable[[], None] | None = None,
+) -> None:
     """Run ``write`` in a forked child process and wait for it (blocking; call from a worker
     thread).
 
@@ -455,8 +459,9 @@ def _write_in_child(write: Callable[[], None], should_stop: StopCheck | None = N
     image of the index as of the fork and writes it while this process runs on; the fork
     itself holds the GIL for the page-table copy only. The child touches nothing but the
     index and the files (no locks other threads may hold: no logging, no imports), and leaves
-    with ``os._exit``. ``should_stop`` is polled while waiting; if it says stop, the child is
-    killed and :class:`Interrupted` raised.
+    with ``os._exit``. ``on_forked`` is called in this process once the child exists (what
+    it writes is fixed from then on). ``should_stop`` is polled while waiting; if it says
+    stop, the child is killed and :class:`Interrupted` raised.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -471,6 +476,8 @@ def _write_in_child(write: Callable[[], None], should_stop: StopCheck | None = N
         os._exit(status)
     os.close(write_end)
     try:
+        if on_forked is not None:
+            on_forked()
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -774,6 +781,7 @@ class VectorIndex(VectorChecks):
         *,
         should_stop: StopCheck | None = None,
         in_child: bool = FORK_SAVES,
+        on_image: Callable[[], None] | None = None,
     ) -> Path:
         """Write a snapshot under ``directory`` atomically; returns the snapshot's folder.
 
@@ -783,17 +791,26 @@ class VectorIndex(VectorChecks):
         and :class:`Interrupted` raised (the previous snapshot stays current).
         ``in_child`` writes the index and id files from a forked process, so the library's
         GIL-holding save does not stop this process's threads (the default on Linux).
+
+        The caller must keep the index unchanged until ``on_image`` is called (from the
+        calling thread): the snapshot holds the index as it was then. With ``in_child`` that
+        is right after the fork, so changes may go on while the child writes.
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         snap = root / f"snap-{self._highest_seq:012d}-{secrets.token_hex(4)}"
         snap.mkdir()
+        # The manifest describes the files: its figures are taken with the files' content.
+        highest_seq, count = self._highest_seq, len(self._id_to_label)
+        next_label, free_slots = self._next_label, self._free_slots
         try:
             write = functools.partial(self._write_files, snap)
             if in_child:
-                _write_in_child(write, should_stop)
+                _write_in_child(write, should_stop, on_image)
             else:
                 write()
+                if on_image is not None:
+                    on_image()
             files: dict[str, FileDigest] = {}
             for name in (_INDEX_FILE, _IDS_FILE):
                 path = snap / name
@@ -806,10 +823,10 @@ class VectorIndex(VectorChecks):
                 format=SNAPSHOT_FORMAT,
                 directory=snap.name,
                 params=self._params,
-                highest_seq=self._highest_seq,
-                count=len(self._id_to_label),
-                next_label=self._next_label,
-                free_slots=self._free_slots,
+                highest_seq=highest_seq,
+                count=count,
+                next_label=next_label,
+                free_slots=free_slots,
                 files=files,
                 created_at=time.time(),
                 library=self._backend.version(),
@@ -821,7 +838,7 @@ class VectorIndex(VectorChecks):
         for old in root.glob("snap-*"):
             if old.name != snap.name and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
-        log.info("vector snapshot %s: %d vectors, seq %d", snap, len(self), self._highest_seq)
+        log.info("vector snapshot %s: %d vectors, seq %d", snap, count, highest_seq)
         return snap
 
     def _write_files(self, snap: Path) -> None:

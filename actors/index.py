@@ -292,6 +292,8 @@ class Index(Actor):
         self._round_open = False
         self._snapshot_seq: int | None = None
         self._changes_since_snapshot = 0
+        #: Set when enough changes piled up for a snapshot (see _snapshot_due).
+        self._snapshot_wanted = trio.Event()
         self._last_snapshot_at = time.monotonic()
         self.build_s: float | None = None
         self.loaded_snapshot = False
@@ -638,7 +640,9 @@ class Index(Actor):
                     },
                 )
             if self._changes_since_snapshot >= self._snapshot_due(index):
-                await self._save_snapshot()
+                # Saved by the snapshotter task: rounds go on once the snapshot's content is
+                # fixed instead of waiting for the files (seconds at a million vectors).
+                self._snapshot_wanted.set()
             if changes.upto >= changes.high_water:
                 break
         if progress and done:
@@ -693,7 +697,9 @@ class Index(Actor):
 
     async def _snapshotter(self) -> None:
         while True:
-            await trio.sleep(self.settings.snapshot_interval_s)
+            with trio.move_on_after(self.settings.snapshot_interval_s):
+                await self._snapshot_wanted.wait()
+            self._snapshot_wanted = trio.Event()
             if self._changes_since_snapshot:
                 await self._save_snapshot()
 
@@ -702,29 +708,56 @@ class Index(Actor):
         index = self._index
         if directory is None or index is None:
             return
-        async with self._mutation:
+        await self._mutation.acquire()
+        held = True
+        try:
             if self._snapshot_seq == index.highest_seq and not self._changes_since_snapshot:
                 return
             started = time.monotonic()
-            # No index limiter: a save only reads the index, and searches may run beside it;
-            # the mutation lock keeps changes out until it is done. Only the final save (in
-            # on_stop, after the stop flag is up) must not give up half way.
+            # What the snapshot will hold: the index as it is now, under the mutation lock.
+            seq, changes = index.highest_seq, self._changes_since_snapshot
+            fixed = trio.Event()
+            token = trio.lowlevel.current_trio_token()
+            # No index limiter: a save only reads the index, and searches may run beside it.
+            # Changes wait only until the snapshot's content is fixed (right after the fork
+            # when a child writes the files, the whole write otherwise). Only the final save
+            # (in on_stop, after the stop flag is up) must not give up half way.
             should_stop = None if final else self._stop.is_set
-            await self._stoppable(
-                lambda: index.save(directory, should_stop=should_stop), limiter=self._save_limiter
-            )
-            self._snapshot_seq = index.highest_seq
-            self._changes_since_snapshot = 0
+
+            def save() -> Path:
+                return index.save(
+                    directory,
+                    should_stop=should_stop,
+                    on_image=lambda: token.run_sync_soon(fixed.set),
+                )
+
+            async def run_save() -> None:
+                try:
+                    await self._stoppable(save, limiter=self._save_limiter)
+                finally:
+                    fixed.set()  # a failed save releases the changes too
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_save)
+                await fixed.wait()
+                self._mutation.release()
+                held = False
+            self._snapshot_seq = seq
+            # Changes applied while the child wrote count toward the next snapshot.
+            self._changes_since_snapshot -= changes
             self._last_snapshot_at = time.monotonic()
             self.snapshots_saved += 1
             log.info(
                 "index snapshot saved",
                 extra={
                     "indexed": len(index),
-                    "highest_seq": index.highest_seq,
+                    "highest_seq": seq,
                     "seconds": round(self._last_snapshot_at - started, 3),
                 },
             )
+        finally:
+            if held:
+                self._mutation.release()
 
     # -- worker threads --------------------------------------------------------------------
 

@@ -209,6 +209,27 @@ def test_a_snapshot_written_by_a_child_process_equals_one_written_here(
 
 
 @needs_fork
+def test_changes_after_the_fork_do_not_reach_the_snapshot(data, tmp_path: Path) -> None:
+    base, ids, _ = data
+    idx = fresh()
+    idx.add(ids[:300], base[:300], seq=1)
+
+    def change_while_the_child_writes() -> None:
+        idx.add(ids[300:600], base[300:600], seq=2)
+        idx.delete(ids[:10], seq=3)
+
+    idx.save(tmp_path, in_child=True, on_image=change_while_the_child_writes)
+    assert len(idx) == 590 and idx.highest_seq == 3  # the live index moved on
+    manifest = VectorIndex.read_manifest(tmp_path)
+    assert (manifest.highest_seq, manifest.count) == (1, 300)
+    loaded = VectorIndex.load(tmp_path)
+    # The snapshot is the index as of the fork, files and manifest alike.
+    assert (loaded.highest_seq, len(loaded)) == (1, 300)
+    found = set(loaded.search(base[:10], k=1).ids[:, 0])
+    assert found == set(ids[:10])
+
+
+@needs_fork
 def test_a_failed_child_write_raises_and_keeps_the_previous_snapshot(
     data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
