@@ -3,8 +3,8 @@
     python bench/ingest.py [--quick]
 
 All figures come from one run, on the same Egregora-compatible messages schema (the hot table
-``messages_hot`` behind the ``messages`` view: unique ``event_id`` and three indexes), each
-phase on a fresh database file:
+``messages_hot`` behind the ``messages`` view, keyed by a unique ``event_id``; schema migration 5
+dropped Egregora's three secondary indexes), each phase on a fresh database file:
 
 * ``raw``: the anchor, one transaction inserting a prebuilt Arrow table of the rows;
 * ``per_row``: naive per-row ``INSERT`` with autocommit;
