@@ -444,12 +444,17 @@ def _sha256(path: Path, should_stop: StopCheck | None = None) -> str:
 FORK_SAVES: Final = sys.platform == "linux" and hasattr(os, "fork")
 #: How often the parent checks ``should_stop`` while the child writes.
 _CHILD_POLL_S = 0.05
+#: Longest a snapshot writer process may run before it is killed and the save fails (the
+#: previous snapshot stays current). A save took 11 s at 1,000,000 x 768; a child that never
+#: ends (say, a lock some other thread held at the fork) must not hold the owner forever.
+CHILD_LIMIT_S: Final = 900.0
 
 
 def _write_in_child(
     write: Callable[[], None],
     should_stop: StopCheck | None = None,
     on_forked: Callable[[], None] | None = None,
+    limit_s: float = CHILD_LIMIT_S,
 ) -> None:
     """Run ``write`` in a forked child process and wait for it (blocking; call from a worker
     thread).
@@ -461,7 +466,8 @@ def _write_in_child(
     index and the files (no locks other threads may hold: no logging, no imports), and leaves
     with ``os._exit``. ``on_forked`` is called in this process once the child exists (what
     it writes is fixed from then on). ``should_stop`` is polled while waiting; if it says
-    stop, the child is killed and :class:`Interrupted` raised.
+    stop, the child is killed and :class:`Interrupted` raised; past ``limit_s`` it is killed
+    and ``OSError`` raised.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -478,14 +484,17 @@ def _write_in_child(
     try:
         if on_forked is not None:
             on_forked()
+        deadline = time.monotonic() + limit_s
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
             if should_stop is not None and should_stop():
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+                _kill(pid)
                 raise Interrupted("stopped while writing a snapshot", field="should_stop")
+            if time.monotonic() > deadline:
+                _kill(pid)
+                raise OSError(f"snapshot writer process did not finish within {limit_s:g} s")
             time.sleep(_CHILD_POLL_S)
         message = os.read(read_end, 4096).decode(errors="replace")
     finally:
@@ -493,6 +502,11 @@ def _write_in_child(
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         why = message or f"wait status {status}"
         raise OSError(f"snapshot writer process failed: {why}")
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
 def _fsync_file(path: Path) -> None:

@@ -258,6 +258,14 @@ def test_a_stop_kills_the_snapshot_writer_process() -> None:
     assert time.monotonic() - t0 < 5
 
 
+@needs_fork
+def test_a_snapshot_writer_that_never_ends_is_killed_at_its_limit() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="did not finish within"):
+        _write_in_child(lambda: time.sleep(30), limit_s=0.2)
+    assert time.monotonic() - t0 < 5
+
+
 def _ticks_while(target: Callable[[], object]) -> int:
     """How many 1 ms sleeps this thread completes while ``target`` runs in another thread."""
     ticks = 0
