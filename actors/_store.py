@@ -411,7 +411,7 @@ def _drop_archived_repeats(
     ingest every row is newer than the fence and this costs one Arrow ``min``, no query.
     """
     fence = spec.fence.end
-    if fence is None or inserted == set() or table.num_rows == 0:
+    if fence is None or table.num_rows == 0 or (inserted is not None and not inserted):
         return set()
     ts = table.column("ts")
     if pc.min(ts).as_py() >= fence:

@@ -392,7 +392,7 @@ class Index(Actor):
         index = self._index
         highest = index.highest_seq if index is not None else 0
         return IndexInfo(
-            count=len(index) if index is not None else 0,
+            count=self._indexed(),
             highest_seq=highest,
             target_seq=max(self._target_seq, highest),
             ready=self._ready,
@@ -409,7 +409,7 @@ class Index(Actor):
             batches=self.batches,
             catchups=self.catchups,
             notices=self.notices,
-            default_ef=ef_for_size(self.settings.params, len(index) if index is not None else 0),
+            default_ef=ef_for_size(self.settings.params, self._indexed()),
         )
 
     # -- search ----------------------------------------------------------------------------
@@ -420,7 +420,7 @@ class Index(Actor):
             # reaches the library (checks are pure functions of the params: microseconds).
             vector = _checked_vector(msg.vector, self._checks)
             k = self._checks.check_k(msg.k)
-            ef = self._checks.check_ef(msg.ef, len(self._index) if self._index is not None else 0)
+            ef = self._checks.check_ef(msg.ef, self._indexed())
         except SymbioteError as exc:
             request.fail(exc)
             return
@@ -434,7 +434,7 @@ class Index(Actor):
                     chunk_ids=[],
                     document_ids=[],
                     distances=[],
-                    count=len(index) if index is not None else 0,
+                    count=self._indexed(),
                     highest_seq=index.highest_seq if index is not None else 0,
                     ready=False,
                 )
@@ -874,6 +874,10 @@ class Index(Actor):
         )
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _indexed(self) -> int:
+        """How many vectors the index holds now (0 before it is loaded)."""
+        return len(self._index) if self._index is not None else 0
 
     def _live_index(self) -> VectorIndex:
         assert self._index is not None, "index used before it was loaded"
