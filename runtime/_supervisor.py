@@ -28,6 +28,7 @@ import trio
 
 from symbiote.runtime._actor import Actor, ActorRef, ActorState
 from symbiote.runtime._budget import RestartBudget
+from symbiote.runtime._groups import unwrap_single
 from symbiote.runtime._specs import ChildSpec, SupervisorSpec
 from symbiote.runtime._tree import TreeNode
 from symbiote.schema.errors import (
@@ -440,7 +441,7 @@ async def open_supervisor(spec: SupervisorSpec) -> AsyncIterator[Supervisor]:
             escalation = exc
             nursery.cancel_scope.cancel()
 
-    try:
+    with unwrap_single():
         async with trio.open_nursery() as nursery:
             await nursery.start(root)
             started = True
@@ -448,11 +449,5 @@ async def open_supervisor(spec: SupervisorSpec) -> AsyncIterator[Supervisor]:
                 yield sup
             finally:
                 sup.cancel()
-    except BaseExceptionGroup as group:
-        # Unwrap trio's strict exception group when it holds a single error, so callers can
-        # write a plain ``except``; several errors stay grouped.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
     if escalation is not None:
         raise escalation
