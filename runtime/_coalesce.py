@@ -1,0 +1,175 @@
+"""Client-side batching: concurrent calls of one kind sent to an actor as one message.
+
+An actor that micro-batches (the index actor runs all pending searches in one library call)
+still pays for every request on the way: the ``ask`` with its reply slot, the mailbox, the
+dispatch, the per-request check. At 64 concurrent searches that bookkeeping was a third of the
+trio thread's time per query, serialised with the library call. A :class:`Coalescer` moves
+the batching to the sending side: callers park on their own reply slot, one task takes
+everything queued, sends it as ONE message and hands each caller its own answer.
+
+Like group commit, it needs no timer: while one batch is in flight the next one gathers, so
+the batch size follows the load (one caller alone is sent at once).
+
+The contract:
+
+* each caller keeps its own deadline (the shared timer of :mod:`._reply` wakes it); a caller
+  that leaves before its batch is sent is dropped from it;
+* ``send`` gets the items and the longest time any of their callers still waits; it returns
+  one result per item, in order, and a :class:`SymbioteError` in that list fails that item
+  alone; a ``SymbioteError`` raised by ``send`` fails the whole batch;
+* at most ``max_batch`` items per message and ``max_waiting`` callers queued: past that a
+  caller waits for room until its deadline (backpressure, then ``DeadlineExceeded``);
+* when :meth:`Coalescer.run` ends (its owner stops), every caller still queued or in flight
+  gets :class:`ActorStopped`, and later calls raise it at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, NoReturn, TypeVar
+
+import trio
+
+from symbiote.runtime._reply import Reply, deadline_error
+from symbiote.schema.errors import ActorStopped, ConfigError, SymbioteError
+
+__all__ = ["Coalescer"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+SendFn = Callable[[list[T], float], Awaitable[Sequence["R | SymbioteError"]]]
+
+#: The timeout ``send`` gets when every caller's deadline has just passed (they are woken
+#: by the timer; the message only has to fail fast).
+_EXPIRED_S = 1e-6
+
+
+class _Waiting(Generic[T]):
+    __slots__ = ("deadline", "item", "slot")
+
+    def __init__(self, item: T, deadline: float, slot: Reply) -> None:
+        self.item = item
+        self.deadline = deadline
+        self.slot = slot
+
+
+class Coalescer(Generic[T, R]):
+    """Merges concurrent :meth:`call` s into batches for ``send``; see the module docstring.
+
+    ``name`` appears in errors. Start :meth:`run` in a nursery before the first call.
+    """
+
+    def __init__(
+        self,
+        send: SendFn[T, R],
+        *,
+        name: str,
+        max_batch: int,
+        max_waiting: int,
+    ) -> None:
+        if max_batch < 1:
+            raise ConfigError("must be at least 1", field="max_batch")
+        if max_waiting < max_batch:
+            raise ConfigError("must be at least max_batch", field="max_waiting")
+        self.name = name
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self._send = send
+        self._queue: list[_Waiting[T]] = []
+        self._in_flight: list[_Waiting[T]] = []
+        self._work = trio.Event()
+        self._room = trio.Event()
+        self._closed = False
+        #: Batches sent and items answered, for introspection and tests.
+        self.batches = 0
+        self.items = 0
+
+    @property
+    def waiting(self) -> int:
+        """Callers queued for the next batch (not counting the one in flight)."""
+        return len(self._queue)
+
+    async def call(self, item: T, *, timeout: float) -> R:
+        """Send ``item`` in the next batch and return its result.
+
+        Raises the item's or the batch's :class:`SymbioteError`, ``DeadlineExceeded`` after
+        ``timeout`` seconds, ``ActorStopped`` once the coalescer is closed.
+        """
+        deadline = trio.current_time() + timeout
+        if self._closed:
+            raise ActorStopped(f"{self.name} is closed")
+        if len(self._queue) >= self.max_waiting:
+            await self._wait_for_room(deadline, timeout)
+        slot = Reply()
+        self._queue.append(_Waiting(item, deadline, slot))
+        self._work.set()
+        if not await slot.wait(deadline):
+            raise deadline_error(self.name, timeout)
+        if slot.error is not None:
+            raise slot.error
+        result: R = slot.value
+        return result
+
+    async def _wait_for_room(self, deadline: float, timeout: float) -> None:
+        while len(self._queue) >= self.max_waiting:
+            if self._closed:
+                raise ActorStopped(f"{self.name} is closed")
+            if self._room.is_set():
+                self._room = trio.Event()
+            with trio.move_on_at(deadline) as scope:
+                await self._room.wait()
+            if scope.cancelled_caught:
+                raise deadline_error(self.name, timeout)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Send batches until cancelled; then fail every caller left with ``ActorStopped``."""
+        task_status.started()
+        try:
+            while True:
+                if not self._queue:
+                    self._work = trio.Event()
+                    await self._work.wait()
+                    continue
+                await self._send_next()
+        finally:
+            self._close()
+
+    async def _send_next(self) -> None:
+        # One batch in flight at a time. Two (the next gathering and sent while the last is
+        # searched) measured worse on 2 cores: the trio side then competes with the library's
+        # threads for the CPU (docs/vector-search.md, "Client-side batching").
+        # Taken without a checkpoint: everything queued while the last batch was in flight.
+        batch = self._queue[: self.max_batch]
+        del self._queue[: self.max_batch]
+        self._room.set()
+        live = [w for w in batch if not w.slot.abandoned]
+        if not live:
+            return
+        self._in_flight = live
+        timeout = max(w.deadline for w in live) - trio.current_time()
+        try:
+            results = await self._send([w.item for w in live], max(timeout, _EXPIRED_S))
+        except SymbioteError as exc:
+            for w in live:
+                w.slot.set(None, exc)
+        else:
+            for w, result in zip(live, results, strict=True):
+                if isinstance(result, SymbioteError):
+                    w.slot.set(None, result)
+                else:
+                    w.slot.set(result, None)
+        self._in_flight = []
+        self.batches += 1
+        self.items += len(live)
+
+    def _close(self) -> None:
+        self._closed = True
+        error = ActorStopped(f"{self.name} is closed")
+        for w in (*self._in_flight, *self._queue):
+            w.slot.set(None, error)
+        self._in_flight = []
+        self._queue.clear()
+        self._room.set()

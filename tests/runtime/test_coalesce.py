@@ -1,0 +1,244 @@
+"""The client-side batcher: concurrent calls sent as one message, answered one by one."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from symbiote.runtime import ActorStopped, Busy, Coalescer, ConfigError, DeadlineExceeded
+from symbiote.schema.errors import BadArgument, SymbioteError
+
+
+class Recorder:
+    """A ``send`` that records its batches and answers ``item * 10``, or fails as told."""
+
+    def __init__(self, *, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.timeouts: list[float] = []
+        self.delay = delay
+        self.fail_items: set[int] = set()
+        self.fail_batch: SymbioteError | None = None
+        self.release = trio.Event()
+        self.hold = False
+
+    async def __call__(self, items: list[int], timeout: float) -> list[int | SymbioteError]:
+        self.batches.append(list(items))
+        self.timeouts.append(timeout)
+        if self.hold:
+            await self.release.wait()
+        await trio.sleep(self.delay)
+        if self.fail_batch is not None:
+            raise self.fail_batch
+        return [
+            BadArgument("refused", field=f"item{i}") if i in self.fail_items else i * 10
+            for i in items
+        ]
+
+
+async def _call_all(
+    c: Coalescer[int, int], items: range, timeout: float = 10.0
+) -> dict[int, object]:
+    out: dict[int, object] = {}
+
+    async def one(i: int) -> None:
+        try:
+            out[i] = await c.call(i, timeout=timeout)
+        except SymbioteError as exc:
+            out[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i in items:
+            nursery.start_soon(one, i)
+    return out
+
+
+async def test_concurrent_calls_go_out_as_one_batch_and_each_gets_its_answer() -> None:
+    send = Recorder()
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=64, max_waiting=64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        out = await _call_all(c, range(20))
+        nursery.cancel_scope.cancel()
+    assert out == {i: i * 10 for i in range(20)}
+    assert len(send.batches) == 1 and sorted(send.batches[0]) == list(range(20))
+    assert (c.batches, c.items) == (1, 20)
+
+
+async def test_a_lone_caller_is_sent_at_once() -> None:
+    send = Recorder()
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        for i in range(3):
+            assert await c.call(i, timeout=5) == i * 10
+        nursery.cancel_scope.cancel()
+    assert send.batches == [[0], [1], [2]]
+
+
+async def test_calls_made_while_a_batch_is_in_flight_form_the_next_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder(delay=1.0)
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=100, max_waiting=100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        async with trio.open_nursery() as callers:
+            callers.start_soon(_call_all, c, range(0, 1))
+            await trio.sleep(0.5)  # the first batch is in flight now
+            callers.start_soon(_call_all, c, range(1, 30))
+        nursery.cancel_scope.cancel()
+    assert send.batches[0] == [0]
+    assert sorted(send.batches[1]) == list(range(1, 30))
+
+
+async def test_an_item_error_fails_that_caller_only() -> None:
+    send = Recorder()
+    send.fail_items = {3}
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=16, max_waiting=16)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        out = await _call_all(c, range(8))
+        nursery.cancel_scope.cancel()
+    assert isinstance(out[3], BadArgument) and out[3].field == "item3"
+    assert {i: v for i, v in out.items() if i != 3} == {i: i * 10 for i in range(8) if i != 3}
+
+
+async def test_a_batch_error_fails_every_caller_of_the_batch() -> None:
+    send = Recorder()
+    send.fail_batch = Busy("index full")
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=16, max_waiting=16)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        out = await _call_all(c, range(5))
+        send.fail_batch = None
+        assert await c.call(7, timeout=5) == 70  # and the coalescer carries on
+        nursery.cancel_scope.cancel()
+    assert all(isinstance(v, Busy) for v in out.values())
+
+
+async def test_batches_hold_at_most_max_batch_items() -> None:
+    send = Recorder()
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        out = await _call_all(c, range(30))
+        nursery.cancel_scope.cancel()
+    assert out == {i: i * 10 for i in range(30)}
+    assert max(len(b) for b in send.batches) == 8
+    assert sum(len(b) for b in send.batches) == 30
+
+
+async def test_each_caller_keeps_its_own_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    send = Recorder(delay=5.0)
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
+    fired: dict[int, object] = {}
+
+    async def one(i: int, timeout: float) -> None:
+        t0 = trio.current_time()
+        try:
+            fired[i] = await c.call(i, timeout=timeout)
+        except DeadlineExceeded:
+            fired[i] = ("deadline", trio.current_time() - t0)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        async with trio.open_nursery() as callers:
+            callers.start_soon(one, 1, 1.0)
+            callers.start_soon(one, 2, 20.0)
+        nursery.cancel_scope.cancel()
+    assert fired[1] == ("deadline", pytest.approx(1.0))
+    assert fired[2] == 20
+    # send is given the longest time any caller of the batch still waits.
+    assert send.timeouts[0] == pytest.approx(20.0)
+
+
+async def test_a_caller_that_left_before_its_batch_is_not_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    send.hold = True
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        async with trio.open_nursery() as callers:
+            callers.start_soon(_call_all, c, range(0, 1))  # in flight, held
+            await trio.sleep(1)
+            with trio.move_on_after(1):
+                await c.call(99, timeout=60)  # queued, then gives up
+            callers.start_soon(_call_all, c, range(1, 3))
+            await trio.sleep(1)
+            send.hold = False
+            send.release.set()
+        nursery.cancel_scope.cancel()
+    assert [sorted(b) for b in send.batches] == [[0], [1, 2]]
+
+
+async def test_a_full_queue_makes_callers_wait_then_time_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    send.hold = True
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=2, max_waiting=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        async with trio.open_nursery() as callers:
+            callers.start_soon(_call_all, c, range(0, 2))  # taken: in flight, held
+            await trio.sleep(1)
+            callers.start_soon(_call_all, c, range(2, 4), 100.0)  # fill the queue
+            await trio.sleep(1)
+            assert c.waiting == 2
+            t0 = trio.current_time()
+            with pytest.raises(DeadlineExceeded):
+                await c.call(9, timeout=3.0)  # no room until the deadline
+            assert trio.current_time() - t0 == pytest.approx(3.0)
+            assert c.waiting == 2  # the refused call never entered the queue
+            send.hold = False
+            send.release.set()
+        nursery.cancel_scope.cancel()
+    assert [sorted(b) for b in send.batches] == [[0, 1], [2, 3]]
+
+
+async def test_room_frees_a_waiting_caller(autojump_clock: trio.testing.MockClock) -> None:
+    send = Recorder(delay=1.0)
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=1, max_waiting=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        out = await _call_all(c, range(5), timeout=100.0)
+        nursery.cancel_scope.cancel()
+    assert out == {i: i * 10 for i in range(5)}
+
+
+async def test_stopping_fails_queued_and_in_flight_callers_and_later_calls() -> None:
+    send = Recorder()
+    send.hold = True
+    c: Coalescer[int, int] = Coalescer(send, name="searches", max_batch=2, max_waiting=8)
+    results: dict[int, object] = {}
+    async with trio.open_nursery() as outer:
+
+        async def callers() -> None:
+            results.update(await _call_all(c, range(5)))
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(c.run)
+            outer.start_soon(callers)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(send.batches) == 1 and c.waiting == 3
+            nursery.cancel_scope.cancel()
+    assert set(results) == set(range(5))
+    assert all(isinstance(v, ActorStopped) for v in results.values())
+    with pytest.raises(ActorStopped, match="searches is closed"):
+        await c.call(1, timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_batch": 0, "max_waiting": 4}, "max_batch"),
+        ({"max_batch": 8, "max_waiting": 4}, "max_waiting"),
+    ],
+)
+def test_limits_are_checked(kwargs: dict[str, int], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Coalescer(Recorder(), name="t", **kwargs)
+    assert info.value.field == field
