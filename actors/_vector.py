@@ -564,6 +564,23 @@ class VectorChecks:
         A 1-D array is taken as one vector. Rejects a wrong dimension, non-numeric data,
         NaN/inf components and, under cosine, all-zero vectors (they have no direction).
         """
+        dim = self._params.dim
+        if (
+            type(vectors) is np.ndarray
+            and vectors.dtype == np.float32
+            and vectors.ndim == 2
+            and vectors.shape[1] == dim
+            and vectors.flags.c_contiguous
+        ):
+            # Fast path, accept-only: one pass of row dot products. NaN/inf components make
+            # a row's product NaN/inf and only a zero row gives 0; anything doubtful
+            # (including a finite row whose product overflows) goes through the full checks
+            # below, which name the row.
+            norm2 = np.einsum("ij,ij->i", vectors, vectors)
+            if np.isfinite(norm2).all() and (
+                self._params.metric != "cosine" or bool((norm2 > 0).all())
+            ):
+                return vectors
         try:
             arr = np.asarray(vectors)
         except (TypeError, ValueError) as exc:
@@ -575,7 +592,6 @@ class VectorChecks:
         shape = arr.shape
         if arr.ndim == 1:
             arr = arr[None, :]
-        dim = self._params.dim
         if arr.ndim != 2 or arr.shape[1] != dim:
             raise InvalidRecord(f"expected shape (n, {dim}), got {shape}", field=field)
         out = np.ascontiguousarray(arr, dtype=np.float32)
@@ -584,7 +600,8 @@ class VectorChecks:
             row = int(np.flatnonzero(~finite)[0])
             raise InvalidRecord(f"row {row} has NaN or infinite components", field=field)
         if self._params.metric == "cosine" and len(out):
-            norms = np.linalg.norm(out, axis=1)
+            with np.errstate(over="ignore"):  # an overflowing norm is inf: still non-zero
+                norms = np.linalg.norm(out, axis=1)
             zero = ~(norms > 0)
             if zero.any():
                 row = int(np.flatnonzero(zero)[0])

@@ -45,6 +45,7 @@ with a typed error naming the field and never reaches the library; the actor sta
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -71,7 +72,13 @@ from symbiote.actors._vector import (
 from symbiote.actors.database import Database
 from symbiote.runtime import Actor, ActorRef, Busy, Inbox, Request
 from symbiote.schema.ddl import META_CHUNK_SEQ
-from symbiote.schema.errors import ConfigError, DeadlineExceeded, InvalidRecord, SymbioteError
+from symbiote.schema.errors import (
+    BadArgument,
+    ConfigError,
+    DeadlineExceeded,
+    InvalidRecord,
+    SymbioteError,
+)
 from symbiote.schema.messages import ChunksCommitted
 
 __all__ = [
@@ -83,6 +90,8 @@ __all__ = [
     "IndexSettings",
     "IndexStatus",
     "Knn",
+    "KnnBatch",
+    "KnnBatchHits",
     "KnnHits",
     "SaveSnapshot",
 ]
@@ -108,6 +117,19 @@ class Knn(msgspec.Struct, frozen=True, kw_only=True):
     ef: int | None = None
 
 
+class KnnBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``k`` nearest chunks of each row of ``vectors`` (a ``(q, dim)`` array of at most
+    ``IndexSettings.max_batch`` rows); answered by :class:`KnnBatchHits`.
+
+    What the runtime sends for concurrent searches: one message for the crowd instead of one
+    per query (see :class:`~symbiote.runtime.Coalescer`). A bad row fails the whole message.
+    """
+
+    vectors: Any
+    k: int
+    ef: int | None = None
+
+
 class KnnHits(msgspec.Struct, frozen=True, kw_only=True):
     """Nearest first. ``count`` is the index size and ``highest_seq`` its commit sequence.
 
@@ -121,6 +143,12 @@ class KnnHits(msgspec.Struct, frozen=True, kw_only=True):
     count: int
     highest_seq: int
     ready: bool = True
+
+
+class KnnBatchHits(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to a :class:`KnnBatch`: one :class:`KnnHits` per row, in order."""
+
+    rows: list[KnnHits]
 
 
 class IndexStatus(msgspec.Struct, frozen=True):
@@ -245,6 +273,44 @@ class _Changes(msgspec.Struct):
         return len(self.ids) + len(self.deleted)
 
 
+class _Search:
+    """A checked search request waiting for the library: its rows and how to answer."""
+
+    __slots__ = ("ef", "k", "request", "single", "vectors")
+
+    def __init__(
+        self, request: Request, vectors: np.ndarray, k: int, ef: int, single: bool
+    ) -> None:
+        self.request = request
+        self.vectors = vectors  # float32 (rows, dim), C-contiguous
+        self.k = k
+        self.ef = ef
+        self.single = single  # a Knn (answer KnnHits), else a KnnBatch
+
+
+def _hits(
+    ids: list[str | None],
+    docs: list[str | None],
+    distances: list[float],
+    k: int,
+    count: int,
+    seq: int,
+) -> KnnHits:
+    """One row of a library answer as :class:`KnnHits` (its first ``k`` live hits)."""
+    ids = ids[:k]
+    if None in ids:
+        # Fewer than k live chunks: the missing slots are at the end of the row.
+        ids = ids[: ids.index(None)]
+    n = len(ids)
+    return KnnHits(
+        chunk_ids=ids,  # type: ignore[arg-type]  # no None left
+        document_ids=[d or "" for d in docs[:n]],
+        distances=distances[:n],
+        count=count,
+        highest_seq=seq,
+    )
+
+
 def _arrow_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
     """A FLOAT[dim] Arrow column as a float32 ``(n, dim)`` matrix (no per-row Python)."""
     if len(column) == 0:
@@ -260,7 +326,7 @@ def _arrow_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
 class Index(Actor):
     """The HNSW index actor; see the module docstring."""
 
-    accepts = (Knn, ChunksCommitted, IndexStatus, SaveSnapshot, AwaitReady)
+    accepts = (Knn, KnnBatch, ChunksCommitted, IndexStatus, SaveSnapshot, AwaitReady)
 
     def __init__(
         self, db: Database, settings: IndexSettings, *, followers: Followers | None = None
@@ -279,7 +345,7 @@ class Index(Actor):
         self._doc_of: dict[str, str] = {}
         self._target_seq = 0
         self._wake = trio.Event()
-        self._pending: list[Request] = []
+        self._pending: list[_Search] = []
         self._work = trio.Event()
         self._room = trio.Event()
         self._waiters: list[Request] = []
@@ -358,7 +424,7 @@ class Index(Actor):
 
     async def _dispatch(self, request: Request, nursery: trio.Nursery) -> None:
         msg = request.msg
-        if isinstance(msg, Knn):
+        if isinstance(msg, Knn | KnnBatch):
             await self._queue_search(request, msg)
         elif isinstance(msg, ChunksCommitted):
             self.notices += 1
@@ -414,11 +480,15 @@ class Index(Actor):
 
     # -- search ----------------------------------------------------------------------------
 
-    async def _queue_search(self, request: Request, msg: Knn) -> None:
+    async def _queue_search(self, request: Request, msg: Knn | KnnBatch) -> None:
+        single = isinstance(msg, Knn)
         try:
             # Validated here, in the caller's turn, so one bad query fails alone and never
             # reaches the library (checks are pure functions of the params: microseconds).
-            vector = _checked_vector(msg.vector, self._checks)
+            if isinstance(msg, Knn):
+                vectors = _checked_vector(msg.vector, self._checks)[None, :]
+            else:
+                vectors = self._checked_batch(msg.vectors)
             k = self._checks.check_k(msg.k)
             ef = self._checks.check_ef(msg.ef, self._indexed())
         except SymbioteError as exc:
@@ -427,26 +497,35 @@ class Index(Actor):
         if not self._ready:
             # A partial index would give a wrong top-k: say so at once (without queueing
             # behind the build) and let the caller scan exactly.
-            self.searches_not_ready += 1
+            self.searches_not_ready += len(vectors)
             index = self._index
-            request.reply(
-                KnnHits(
-                    chunk_ids=[],
-                    document_ids=[],
-                    distances=[],
-                    count=self._indexed(),
-                    highest_seq=index.highest_seq if index is not None else 0,
-                    ready=False,
-                )
+            hits = KnnHits(
+                chunk_ids=[],
+                document_ids=[],
+                distances=[],
+                count=self._indexed(),
+                highest_seq=index.highest_seq if index is not None else 0,
+                ready=False,
             )
+            request.reply(hits if single else KnnBatchHits(rows=[hits] * len(vectors)))
             return
-        request.msg = Knn(vector=vector, k=k, ef=ef)
         while len(self._pending) >= self.settings.max_pending:
             # Backpressure: stop taking from the mailbox until a batch drains.
             self._room = trio.Event()
             await self._room.wait()
-        self._pending.append(request)
+        # hnswlib searches with max(ef, k): grouping by that keeps a big over-fetch from
+        # dragging the small queries of its batch up to its ef.
+        self._pending.append(_Search(request, vectors, k, max(ef, k), single))
         self._work.set()
+
+    def _checked_batch(self, vectors: object) -> np.ndarray:
+        out = self._checks.check_vectors(vectors, field="vectors")
+        if not 1 <= len(out) <= self.settings.max_batch:
+            raise BadArgument(
+                f"must hold 1 to {self.settings.max_batch} vectors, got {len(out)}",
+                field="vectors",
+            )
+        return out
 
     async def _searcher(self) -> None:
         while True:
@@ -454,64 +533,81 @@ class Index(Actor):
                 self._work = trio.Event()
                 await self._work.wait()
                 continue
-            # Take what is queued without a checkpoint: requests queued while the last batch
-            # ran go into this one (the batch size follows the load, with no timer).
-            batch = self._pending[: self.settings.max_batch]
-            del self._pending[: self.settings.max_batch]
+            batch = self._take_batch()
             self._room.set()
-            live: list[Request] = []
-            for request in batch:
-                if request.abandoned:
-                    request.fail(DeadlineExceeded("the caller gave up before the search ran"))
+            groups: dict[int, list[_Search]] = {}
+            for search in batch:
+                if search.request.abandoned:
+                    search.request.fail(
+                        DeadlineExceeded("the caller gave up before the search ran")
+                    )
                 else:
-                    live.append(request)
-            groups: dict[int, list[Request]] = {}
-            for request in live:
-                msg: Knn = request.msg
-                assert msg.ef is not None
-                # hnswlib searches with max(ef, k): grouping by that keeps a big over-fetch
-                # from dragging the small queries of its batch up to its ef.
-                groups.setdefault(max(msg.ef, msg.k), []).append(request)
+                    groups.setdefault(search.ef, []).append(search)
             for ef, group in groups.items():
                 await self._search_group(group, ef)
 
-    async def _search_group(self, group: list[Request], ef: int) -> None:
+    def _take_batch(self) -> list[_Search]:
+        """The oldest pending searches, at most ``max_batch`` rows (at least one request).
+
+        Taken without a checkpoint: requests queued while the last batch ran go into this
+        one, so the batch size follows the load with no timer.
+        """
+        limit = self.settings.max_batch
+        rows = taken = 0
+        for search in self._pending:
+            n = len(search.vectors)
+            if taken and rows + n > limit:
+                break
+            rows += n
+            taken += 1
+        batch = self._pending[:taken]
+        del self._pending[:taken]
+        return batch
+
+    async def _search_group(self, group: list[_Search], ef: int) -> None:
         index = self._live_index()
-        k = max(r.msg.k for r in group)
-        queries = np.stack([r.msg.vector for r in group])
+        k = max(s.k for s in group)
+        if len(group) == 1:
+            queries = group[0].vectors
+        else:
+            queries = np.concatenate([s.vectors for s in group])
         try:
-            # Each query was checked in _queue_search (so one bad query fails alone).
+            # Each query was checked in _queue_search (so one bad request fails alone).
             res = await trio.to_thread.run_sync(
                 index.search_checked, queries, k, ef, limiter=self._index_limiter
             )
         except SymbioteError as exc:
-            for request in group:
-                request.fail(exc)
+            for search in group:
+                search.request.fail(exc)
             return
         self.batches += 1
-        self.searches += len(group)
+        self.searches += len(queries)
         doc_of = self._doc_of
         count = len(index)
         seq = index.highest_seq
-        # Whole-batch conversions: one numpy call each instead of several per request.
+        # Whole-batch conversions: one numpy call each instead of several per row.
         # Clamp float noise: a vector's distance to itself can come out as -2e-7.
         all_ids = res.ids.tolist()
         all_dist = np.maximum(res.distances, 0.0).tolist()
-        for row, request in enumerate(group):
-            kk = request.msg.k
-            ids = all_ids[row][:kk]
-            if None in ids:
-                # Fewer than k live chunks: the missing slots are at the end of the row.
-                ids = ids[: ids.index(None)]
-            request.reply(
-                KnnHits(
-                    chunk_ids=ids,
-                    document_ids=[doc_of.get(c, "") for c in ids],
-                    distances=all_dist[row][: len(ids)],
-                    count=count,
-                    highest_seq=seq,
+        # Document ids of the whole batch in one pass (a missing slot's None maps to None).
+        width = res.ids.shape[1]
+        flat_docs = list(map(doc_of.get, itertools.chain.from_iterable(all_ids)))
+        row = 0
+        for search in group:
+            end = row + len(search.vectors)
+            hits = [
+                _hits(
+                    all_ids[r],
+                    flat_docs[r * width : (r + 1) * width],
+                    all_dist[r],
+                    search.k,
+                    count,
+                    seq,
                 )
-            )
+                for r in range(row, end)
+            ]
+            row = end
+            search.request.reply(hits[0] if search.single else KnnBatchHits(rows=hits))
 
     # -- build, then follow the writer -----------------------------------------------------
 

@@ -21,6 +21,7 @@ from symbiote.actors._vector import (
     SnapshotCorrupt,
     SnapshotIncompatible,
     SnapshotMissing,
+    VectorChecks,
     VectorIndex,
     VectorParams,
     _write_in_child,
@@ -347,7 +348,30 @@ BAD_QUERIES = [
     (np.array([[np.inf] + [0.0] * (DIM - 1)]), "queries", "infinite"),
     (np.zeros((1, DIM)), "queries", "all-zero"),
     (np.array([["x"] * DIM]), "queries", "real numbers"),
+    # float32 C-contiguous matrices take the one-pass fast path first; a bad row must still
+    # be refused and named.
+    (
+        np.vstack([np.ones(DIM), np.r_[np.ones(DIM - 1), np.nan]]).astype(np.float32),
+        "queries",
+        "row 1 has NaN",
+    ),
+    (
+        np.vstack([np.ones(DIM), np.zeros(DIM)]).astype(np.float32),
+        "queries",
+        "row 1 is an all-zero",
+    ),
 ]
+
+
+def test_the_fast_check_never_refuses_a_valid_row() -> None:
+    # Finite components whose squares overflow float32: the one-pass dot product is inf, so
+    # the fast path must hand over to the full check, which accepts them (l2 has no norm
+    # condition); under cosine the same row is a valid direction too.
+    big = np.full((2, 8), 1e30, np.float32)
+    for metric in ("l2", "cosine"):
+        checks = VectorChecks(VectorParams(dim=8, metric=metric))
+        out = checks.check_vectors(big)
+        assert out.shape == (2, 8)
 
 
 @pytest.mark.parametrize(("queries", "field", "match"), BAD_QUERIES)
