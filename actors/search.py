@@ -96,8 +96,8 @@ def check_query_vector(vector: object, dim: int) -> F32Array:
         # Fast path for the common case: one dot product checks finiteness and non-zero at
         # once (any NaN/inf makes it NaN/inf; only the zero vector gives 0).
         norm2 = float(np.dot(vector, vector))
-        if math.isfinite(norm2) and norm2 > 0:
-            return np.ascontiguousarray(vector)
+        if math.isfinite(norm2) and norm2 > 0 and vector.flags.c_contiguous:
+            return vector
     try:
         arr = np.asarray(vector)
     except (TypeError, ValueError) as exc:
@@ -119,6 +119,8 @@ def check_query_vector(vector: object, dim: int) -> F32Array:
 
 
 def _check_int(value: object, low: int, high: int, field: str) -> int:
+    if type(value) is int and low <= value <= high:
+        return value  # the common case, without the union isinstance below
     if not isinstance(value, int | np.integer) or isinstance(value, bool):
         raise BadArgument(f"must be an int, got {type(value).__name__}", field=field)
     if not low <= int(value) <= high:
@@ -265,6 +267,20 @@ class SearchPlanner:
         with_rows = _check_flag(with_rows, "with_rows")
         flt = parse_filter(where)
         deadline = _Deadline(timeout)
+        if flt is None and not (rerank or one_per_document or with_rows):
+            # The plain query, most of the traffic: the index's answer is the answer, so it
+            # is passed on as it is (no candidate tuples, no re-picking).
+            # Nothing ran before this step, so its time limit is the caller's timeout.
+            hits = await self._knn(query, kk, ef_, timeout)
+            if hits.ready:
+                self.plans["hnsw"] += 1
+                return SearchHits(
+                    chunk_ids=hits.chunk_ids,
+                    document_ids=hits.document_ids,
+                    distances=hits.distances,
+                    plan="hnsw",
+                    fetched=kk,
+                )
         if flt is None:
             picked, plan, fetched = await self._unfiltered(
                 query, kk, ef_, rerank, one_per_document, deadline

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import trio
 
@@ -53,6 +54,8 @@ from symbiote.actors.index import (
     IndexSettings,
     IndexStatus,
     Knn,
+    KnnBatch,
+    KnnBatchHits,
     KnnHits,
     SaveSnapshot,
     default_index_dir,
@@ -87,12 +90,15 @@ from symbiote.actors.search import SearchPlanner
 from symbiote.actors.writer import Writer
 from symbiote.runtime._actor import Actor, ActorRef
 from symbiote.runtime._blocking import BlockingHost
+from symbiote.runtime._coalesce import Coalescer
 from symbiote.runtime._config import Config
 from symbiote.runtime._gil import switch_interval
+from symbiote.runtime._groups import unwrap_single
 from symbiote.runtime._specs import ChildSpec, SupervisorSpec
 from symbiote.runtime._supervisor import Supervisor, open_supervisor
 from symbiote.runtime._tree import TreeNode, format_tree
 from symbiote.schema.errors import (
+    ActorCrashed,
     BadArgument,
     ConfigError,
     NotFound,
@@ -430,6 +436,18 @@ class Runtime:
         self._index: ActorRef | None = (
             supervisor.ref("data/index") if config.index_enabled else None
         )
+        # Concurrent searches reach the index actor as one KnnBatch per turn, not one Knn
+        # each (docs/vector-search.md, "Client-side batching").
+        self._knn_calls: Coalescer[tuple[Any, int, int | None], KnnHits] | None = (
+            Coalescer(
+                self._knn_many,
+                name="index search",
+                max_batch=config.index_max_batch,
+                max_waiting=max(config.index_mailbox, config.index_max_batch),
+            )
+            if config.index_enabled
+            else None
+        )
         self.planner = SearchPlanner(
             dim=config.dim,
             knn=self._knn,
@@ -709,8 +727,42 @@ class Runtime:
         return self._index
 
     async def _knn(self, vector: Any, k: int, ef: int | None, timeout: float) -> KnnHits:
-        hits: KnnHits = await self._index_ref().ask(Knn(vector=vector, k=k, ef=ef), timeout=timeout)
-        return hits
+        self._index_ref()
+        assert self._knn_calls is not None  # set whenever the index is
+        return await self._knn_calls.call((vector, k, ef), timeout=timeout)
+
+    async def _knn_many(
+        self, items: list[tuple[Any, int, int | None]], timeout: float
+    ) -> list[KnnHits | SymbioteError]:
+        """One batch of the coalescer: a KnnBatch per distinct ``(k, ef)`` (usually one)."""
+        groups: dict[tuple[int, int | None], list[int]] = {}
+        for i, (_, k, ef) in enumerate(items):
+            groups.setdefault((k, ef), []).append(i)
+        out: list[KnnHits | SymbioteError | None] = [None] * len(items)
+        ref = self._index_ref()
+
+        async def ask(key: tuple[int, int | None], rows: list[int]) -> None:
+            vectors = np.stack([items[i][0] for i in rows])
+            try:
+                hits: KnnBatchHits = await ref.ask(
+                    KnnBatch(vectors=vectors, k=key[0], ef=key[1]), timeout=timeout
+                )
+            except SymbioteError as exc:
+                for i in rows:
+                    out[i] = exc
+            else:
+                for i, row in zip(rows, hits.rows, strict=True):
+                    out[i] = row
+
+        if len(groups) == 1:
+            [(key, rows)] = groups.items()
+            await ask(key, rows)
+        else:
+            # Asked together, so they can land in the same turn of the index actor.
+            async with trio.open_nursery() as nursery:
+                for key, rows in groups.items():
+                    nursery.start_soon(ask, key, rows)
+        return [r if r is not None else ActorCrashed("index search: no answer") for r in out]
 
     async def _sql(self, sql: str, params: list[Any], timeout: float) -> pa.Table:
         table: pa.Table = await self.query(sql, params, fmt="arrow", timeout=timeout)
@@ -897,14 +949,23 @@ async def open_runtime(config: Config | None = None) -> AsyncIterator[Runtime]:
     )
     partition = partition_spec(config)
     gil_s = None if config.gil_switch_interval_ms is None else config.gil_switch_interval_ms / 1e3
-    with switch_interval(gil_s):
-        async with open_supervisor(build_tree(config, db, partition=partition)) as sup:
+    with switch_interval(gil_s), unwrap_single():
+        async with (
+            open_supervisor(build_tree(config, db, partition=partition)) as sup,
+            trio.open_nursery() as nursery,
+        ):
+            runtime = Runtime(config, sup, db, partition=partition)
+            if runtime._knn_calls is not None:
+                await nursery.start(runtime._knn_calls.run)
             if config.gc_freeze:
                 gc.freeze()
             log.info(
                 "runtime started", extra={"db_path": config.db_path, "readers": config.readers}
             )
-            yield Runtime(config, sup, db, partition=partition)
+            try:
+                yield runtime
+            finally:
+                nursery.cancel_scope.cancel()
 
 
 class BlockingRuntime:

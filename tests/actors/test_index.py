@@ -411,6 +411,85 @@ async def test_many_concurrent_searches_share_batches(rt: Runtime) -> None:
     assert info.batches < info.searches  # queries were stacked into shared library calls
 
 
+async def test_concurrent_searches_reach_the_index_as_shared_messages(rt: Runtime) -> None:
+    await rt.upsert_chunks([chunk_for(i) for i in range(300)])
+    await wait_indexed(rt)
+    calls = rt._knn_calls
+    assert calls is not None
+    before = (calls.batches, calls.items)
+    found: dict[int, str] = {}
+
+    async def one(i: int) -> None:
+        found[i] = (await rt.search(vector(i), k=1)).chunk_ids[0]
+
+    async with trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(one, i)
+    assert found == {i: chunk_for(i).chunk_id for i in range(100)}
+    batches, items = calls.batches - before[0], calls.items - before[1]
+    assert items == 100 and batches < 10  # one KnnBatch per turn, not one Knn per query
+
+
+async def test_a_bad_query_among_concurrent_ones_fails_alone(rt: Runtime) -> None:
+    await rt.upsert_chunks([chunk_for(i) for i in range(100)])
+    await wait_indexed(rt)
+    out: dict[int, object] = {}
+
+    async def one(i: int, vec: Any) -> None:
+        try:
+            out[i] = (await rt.search(vec, k=1)).chunk_ids[0]
+        except InvalidRecord as exc:
+            out[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            bad = np.r_[np.ones(DIM - 1), np.nan].astype(np.float32)
+            nursery.start_soon(one, i, bad if i == 7 else vector(i))
+    assert isinstance(out.pop(7), InvalidRecord)
+    assert out == {i: chunk_for(i).chunk_id for i in range(20) if i != 7}
+
+
+async def test_a_knn_batch_answers_each_row_as_a_knn_would(rt: Runtime) -> None:
+    from symbiote.actors.index import Knn, KnnBatch, KnnBatchHits
+
+    await rt.upsert_chunks([chunk_for(i) for i in range(200)])
+    await wait_indexed(rt)
+    ref = rt._sup.ref("data/index")
+    picks = (3, 50, 120)
+    vecs = np.stack([vector(i) for i in picks])
+    batch = await ref.ask(KnnBatch(vectors=vecs, k=4), timeout=5)
+    assert isinstance(batch, KnnBatchHits)
+    singles = [await ref.ask(Knn(vector=v, k=4), timeout=5) for v in vecs]
+    assert batch.rows == singles
+    assert [r.chunk_ids[0] for r in batch.rows] == [chunk_for(i).chunk_id for i in picks]
+    assert all(len(r.chunk_ids) == 4 and r.ready for r in batch.rows)
+
+
+@pytest.mark.parametrize(
+    ("vectors", "error", "match"),
+    [
+        (np.vstack([np.ones(DIM), np.zeros(DIM)]).astype(np.float32), InvalidRecord, "row 1"),
+        (np.vstack([np.ones(DIM), np.full(DIM, np.nan)]).astype(np.float32), InvalidRecord, "NaN"),
+        (np.ones((2, DIM + 1), np.float32), InvalidRecord, "shape"),
+        (np.ones((257, DIM), np.float32), BadArgument, "1 to 256"),
+        (np.ones((0, DIM), np.float32), BadArgument, "1 to 256"),
+    ],
+)
+async def test_a_bad_knn_batch_is_refused_whole_and_harmless(
+    rt: Runtime, vectors: np.ndarray, error: type[Exception], match: str
+) -> None:
+    from symbiote.actors.index import KnnBatch
+
+    await rt.upsert_chunks([chunk_for(i) for i in range(50)])
+    await wait_indexed(rt)
+    ref = rt._sup.ref("data/index")
+    with pytest.raises(error, match=match) as info:
+        await ref.ask(KnnBatch(vectors=vectors, k=3), timeout=5)
+    assert getattr(info.value, "field", None) == "vectors"
+    assert (await rt.search(vector(1), k=1)).chunk_ids == [chunk_for(1).chunk_id]
+    assert ref.restarts == 0
+
+
 def test_index_dir_default() -> None:
     assert default_index_dir("/data/x.duckdb") == "/data/x.duckdb.index"
     assert default_index_dir(":memory:") is None
