@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -129,6 +132,28 @@ async def test_batches_hold_at_most_max_batch_items() -> None:
     assert sum(len(b) for b in send.batches) == 30
 
 
+async def test_a_weight_bound_cuts_batches_but_never_strands_a_heavy_item() -> None:
+    send = Recorder()
+    send.hold = True
+    c: Coalescer[int, int] = Coalescer(
+        send, name="t", max_batch=64, max_waiting=64, weight=lambda i: i, max_weight=10
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        async with trio.open_nursery() as callers:
+            callers.start_soon(_call_all, c, range(1, 2))  # in flight, held
+            await trio.testing.wait_all_tasks_blocked()
+            # Queued in this order while the first batch is held: 3+3+3 fit, 4 does not;
+            # 30 is over the bound on its own and still goes (alone).
+            for i in (3, 3, 3, 4, 30, 2):
+                callers.start_soon(functools.partial(c.call, i, timeout=10.0))
+                await trio.testing.wait_all_tasks_blocked()
+            send.hold = False
+            send.release.set()
+        nursery.cancel_scope.cancel()
+    assert send.batches == [[1], [3, 3, 3], [4], [30], [2]]
+
+
 async def test_each_caller_keeps_its_own_deadline(autojump_clock: trio.testing.MockClock) -> None:
     send = Recorder(delay=5.0)
     c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
@@ -236,9 +261,11 @@ async def test_stopping_fails_queued_and_in_flight_callers_and_later_calls() -> 
     [
         ({"max_batch": 0, "max_waiting": 4}, "max_batch"),
         ({"max_batch": 8, "max_waiting": 4}, "max_waiting"),
+        ({"max_batch": 8, "max_waiting": 8, "max_weight": 10}, "max_weight"),
+        ({"max_batch": 8, "max_waiting": 8, "weight": len, "max_weight": 0}, "max_weight"),
     ],
 )
-def test_limits_are_checked(kwargs: dict[str, int], field: str) -> None:
+def test_limits_are_checked(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as info:
         Coalescer(Recorder(), name="t", **kwargs)
     assert info.value.field == field
