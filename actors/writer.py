@@ -38,11 +38,13 @@ from symbiote.schema.messages import (
     ChunksCommitted,
     CorrectMessage,
     DeleteChunks,
+    IngestBatch,
     IngestMessages,
     PersistMesh,
     UpsertChunks,
     UpsertDocuments,
     WriteAck,
+    WriteAcks,
 )
 from symbiote.schema.records import Limits
 
@@ -58,6 +60,8 @@ def request_rows(msg: Any) -> int:
     """How many rows a write request carries (the unit of the batch bound)."""
     if isinstance(msg, IngestMessages):
         return len(msg.messages)
+    if isinstance(msg, IngestBatch):
+        return max(1, sum(len(r.messages) for r in msg.requests))
     if isinstance(msg, UpsertDocuments):
         return len(msg.documents)
     if isinstance(msg, UpsertChunks):
@@ -74,6 +78,7 @@ class Writer(Actor):
 
     accepts = (
         IngestMessages,
+        IngestBatch,
         UpsertDocuments,
         UpsertChunks,
         DeleteChunks,
@@ -203,7 +208,7 @@ class Writer(Actor):
         assert self._con is not None and self._state is not None
         con, state = self._con, self._state
         result: BatchResult = await run_in_db_thread(
-            apply_batch, con, [r.msg for r in batch], state, limiter=self._limiter
+            apply_batch, con, _unpacked(batch), state, limiter=self._limiter
         )
         self.batches += 1
         self.commits += result.commits
@@ -211,7 +216,7 @@ class Writer(Actor):
         notice = result.chunks_committed()
         if notice is not None:
             self._publish(notice)
-        return _Committed(batch, result.outcomes)
+        return _Committed(batch, _repacked(batch, result.outcomes))
 
     def _publish(self, notice: ChunksCommitted) -> None:
         for ref in self._subscribers():
@@ -237,7 +242,9 @@ class _Committed:
 
     __slots__ = ("outcomes", "requests")
 
-    def __init__(self, requests: list[Request], outcomes: list[WriteAck | Failure]) -> None:
+    def __init__(
+        self, requests: list[Request], outcomes: list[WriteAck | WriteAcks | Failure]
+    ) -> None:
         self.requests = requests
         self.outcomes = outcomes
 
@@ -254,8 +261,38 @@ class _Committed:
             _answer(request, outcome)
 
 
-def _answer(request: Request, outcome: WriteAck | Failure) -> None:
-    if isinstance(outcome, WriteAck):
+def _unpacked(batch: list[Request]) -> list[Any]:
+    """The write requests of ``batch``, an :class:`IngestBatch` spread into its requests."""
+    out: list[Any] = []
+    for request in batch:
+        msg = request.msg
+        if type(msg) is IngestBatch:
+            out.extend(msg.requests)
+        else:
+            out.append(msg)
+    return out
+
+
+def _repacked(
+    batch: list[Request], outcomes: list[WriteAck | Failure]
+) -> list[WriteAck | WriteAcks | Failure]:
+    """One answer per request of ``batch`` from the outcomes of :func:`_unpacked`'s list."""
+    out: list[WriteAck | WriteAcks | Failure] = []
+    at = 0
+    for request in batch:
+        msg = request.msg
+        if type(msg) is IngestBatch:
+            n = len(msg.requests)
+            out.append(WriteAcks(outcomes=tuple(outcomes[at : at + n])))
+            at += n
+        else:
+            out.append(outcomes[at])
+            at += 1
+    return out
+
+
+def _answer(request: Request, outcome: WriteAck | WriteAcks | Failure) -> None:
+    if isinstance(outcome, WriteAck | WriteAcks):
         request.reply(outcome)
     else:
         request.fail(_error(outcome))

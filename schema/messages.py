@@ -28,11 +28,13 @@ __all__ = [
     "ChunksCommitted",
     "CorrectMessage",
     "DeleteChunks",
+    "IngestBatch",
     "IngestMessages",
     "PersistMesh",
     "UpsertChunks",
     "UpsertDocuments",
     "WriteAck",
+    "WriteAcks",
     "WriteOutcome",
     "WriteRequest",
 ]
@@ -42,6 +44,17 @@ class IngestMessages(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=Fal
     """Append messages; a message whose ``event_id`` is already stored is skipped (idempotent)."""
 
     messages: tuple[Message, ...]
+
+
+class IngestBatch(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
+    """Several ingest requests in one message, each committed or refused on its own.
+
+    What the runtime sends for concurrent ``ingest`` calls (one mailbox entry for the crowd,
+    see :class:`~symbiote.runtime.Coalescer`); answered by :class:`WriteAcks`, one outcome per
+    request in order. A request that fails a check or a constraint fails alone.
+    """
+
+    requests: tuple[IngestMessages, ...]
 
 
 class UpsertDocuments(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
@@ -126,6 +139,12 @@ class WriteAck(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
 
 #: The answer to one request.
 WriteOutcome = WriteAck | Failure
+
+
+class WriteAcks(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
+    """The answer to an :class:`IngestBatch`: one outcome per request, in order."""
+
+    outcomes: tuple[WriteOutcome, ...]
 
 
 class ChunkChange(msgspec.Struct, frozen=True, array_like=True):

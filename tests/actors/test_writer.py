@@ -1,18 +1,27 @@
-"""The writer actor and its followers: what it logs and survives when one misses a notice."""
+"""The writer actor: its followers (what it logs and survives when one misses a notice) and
+its batched ingest message."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from symbiote.actors.database import Database
 from symbiote.actors.writer import Writer
 from symbiote.runtime import Config, open_runtime
 from symbiote.runtime._guard import LoopGuard
-from symbiote.schema.errors import ActorCrashed, ActorStopped, Busy
-from symbiote.schema.messages import ChunksCommitted, UpsertChunks
+from symbiote.schema.errors import ActorCrashed, ActorStopped, Busy, Failure
+from symbiote.schema.messages import (
+    ChunksCommitted,
+    IngestBatch,
+    IngestMessages,
+    UpsertChunks,
+    WriteAck,
+    WriteAcks,
+)
 from symbiote.schema.records import Limits
 from tests.actors.index_data import DIM, chunk_for
 
@@ -86,3 +95,31 @@ async def test_checkpoints_do_not_vacuum_unless_asked(
             "SELECT value FROM duckdb_settings() WHERE name = 'max_vacuum_tasks'", fmt="records"
         )
     assert rows == [{"value": tasks}]
+
+
+async def test_an_ingest_batch_answers_each_request_on_its_own(
+    tmp_path: Path, loop_guard: LoopGuard
+) -> None:
+    from tests.scenarios.chat import message
+
+    config = Config(db_path=str(tmp_path / "w.duckdb"), dim=DIM, readers=1)
+    async with open_runtime(config) as rt:
+        await rt.ingest([message(0)])
+        naive = msgspec.structs.replace(message(2), ts=message(2).ts.replace(tzinfo=None))
+        batch = IngestBatch(
+            requests=(
+                IngestMessages(messages=(message(1), message(3))),
+                IngestMessages(messages=(naive,)),
+                IngestMessages(messages=(message(0), message(4))),  # 0 is stored already
+                IngestMessages(messages=()),
+            )
+        )
+        acks = await rt._sup.ref("data/writer").ask(batch, timeout=10)
+        assert isinstance(acks, WriteAcks)
+        first, bad, repeat, empty = acks.outcomes
+        assert first == WriteAck(written=2)
+        assert isinstance(bad, Failure) and bad.field == "messages[0].ts"
+        assert repeat == WriteAck(written=1, duplicates=1)
+        assert empty == WriteAck(written=0)
+        rows = await rt.query("SELECT event_id FROM messages ORDER BY event_id", fmt="records")
+        assert [r["event_id"] for r in rows] == [message(i).event_id for i in (0, 1, 3, 4)]
