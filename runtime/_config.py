@@ -75,6 +75,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     reader_mailbox: int = 64
     #: Group commit: most rows one transaction takes in.
     max_batch_rows: int = 50_000
+    #: Most concurrent ``ingest`` calls sent to the writer as one message (an IngestBatch;
+    #: each call is still committed or refused on its own).
+    ingest_max_batch: int = 4096
     #: Group commit: how long the writer waits for more requests when its mailbox is empty.
     #: 0 takes only what is already queued; requests that arrive during a commit form the
     #: next group by themselves, which is what makes groups grow under load.
@@ -216,6 +219,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         _at_least(self.writer_mailbox, 1, "writer_mailbox")
         _at_least(self.reader_mailbox, 1, "reader_mailbox")
         _at_least(self.max_batch_rows, 1, "max_batch_rows")
+        _at_least(self.ingest_max_batch, 1, "ingest_max_batch")
         _at_least(self.max_text_bytes, 1, "max_text_bytes")
         _at_least(self.stream_batch_rows, 1, "stream_batch_rows")
         _at_least(self.restart_intensity, 0, "restart_intensity")

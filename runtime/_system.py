@@ -104,16 +104,19 @@ from symbiote.schema.errors import (
     NotFound,
     SymbioteError,
     WriteConflict,
+    error_for_code,
 )
 from symbiote.schema.mesh import FederatedHits, Grant, MemberInfo, MeshInfo, Published
 from symbiote.schema.messages import (
     CorrectMessage,
     DeleteChunks,
+    IngestBatch,
     IngestMessages,
     PersistMesh,
     UpsertChunks,
     UpsertDocuments,
     WriteAck,
+    WriteAcks,
 )
 from symbiote.schema.records import (
     Chunk,
@@ -404,6 +407,10 @@ def _with_mesh(config: Config, data: SupervisorSpec) -> tuple[SupervisorSpec, Ch
     return data, mesh
 
 
+def _message_count(request: IngestMessages) -> int:
+    return len(request.messages)
+
+
 class Runtime:
     """The data API of a running symbiote, for trio code. Get one from :func:`open_runtime`.
 
@@ -448,6 +455,16 @@ class Runtime:
             if config.index_enabled
             else None
         )
+        # Concurrent ingest calls reach the writer as one IngestBatch per turn.
+        self._ingest_calls: Coalescer[IngestMessages, WriteAck] = Coalescer(
+            self._ingest_many,
+            name="ingest",
+            max_batch=config.ingest_max_batch,
+            max_waiting=max(config.writer_mailbox, config.ingest_max_batch),
+            # A batch is one request to the writer: keep it within the writer's group bound.
+            weight=_message_count,
+            max_weight=config.max_batch_rows,
+        )
         self.planner = SearchPlanner(
             dim=config.dim,
             knn=self._knn,
@@ -468,7 +485,8 @@ class Runtime:
         Returns after COMMIT (the write is durable): ``written`` new rows, ``duplicates``
         skipped ones.
         """
-        return await self._write(IngestMessages(messages=tuple(messages)), timeout)
+        request = IngestMessages(messages=tuple(messages))
+        return await self._ingest_calls.call(request, timeout=self._timeout(timeout))
 
     async def upsert_documents(
         self, documents: Iterable[Document], *, timeout: float | None = None
@@ -726,6 +744,18 @@ class Runtime:
             raise ConfigError("vector search is off (index_enabled = false)", field="index_enabled")
         return self._index
 
+    async def _ingest_many(
+        self, requests: list[IngestMessages], timeout: float
+    ) -> list[WriteAck | SymbioteError]:
+        """One batch of the ingest coalescer: one IngestBatch, one outcome per request."""
+        acks: WriteAcks = await self._writer.ask(
+            IngestBatch(requests=tuple(requests)), timeout=timeout
+        )
+        return [
+            o if isinstance(o, WriteAck) else error_for_code(o.code)(o.message, field=o.field)
+            for o in acks.outcomes
+        ]
+
     async def _knn(self, vector: Any, k: int, ef: int | None, timeout: float) -> KnnHits:
         self._index_ref()
         assert self._knn_calls is not None  # set whenever the index is
@@ -955,6 +985,7 @@ async def open_runtime(config: Config | None = None) -> AsyncIterator[Runtime]:
             trio.open_nursery() as nursery,
         ):
             runtime = Runtime(config, sup, db, partition=partition)
+            await nursery.start(runtime._ingest_calls.run)
             if runtime._knn_calls is not None:
                 await nursery.start(runtime._knn_calls.run)
             if config.gc_freeze:

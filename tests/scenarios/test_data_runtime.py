@@ -13,6 +13,7 @@ from symbiote.runtime import (
     Runtime,
 )
 from symbiote.schema.errors import InvalidRecord, QueryError, TooLarge
+from symbiote.schema.messages import WriteAck
 from tests.scenarios.chat import chunk, message, post
 
 HEAVY = "SELECT count(*) FROM range(2000000000) a WHERE a.range % 7 = 3"
@@ -43,10 +44,42 @@ async def test_concurrent_requests_share_commits(symbiote_runtime: Runtime) -> N
     async with trio.open_nursery() as nursery:
         for p in range(50):
             nursery.start_soon(_ingest_range, rt, p * 20, 20)
-    writer = rt._sup.ref("data/writer")
-    assert writer.processed == 50 * 20
+    # The 1,000 calls reached the writer as a few IngestBatch messages (one per turn of
+    # the loop), each committed as part of a group.
+    calls = rt._ingest_calls
+    assert calls.items == 50 * 20
+    assert calls.batches <= 50 * 20 // 10
+    assert rt._sup.ref("data/writer").processed == calls.batches
     rows = await rt.query("SELECT count(*) AS n FROM messages", fmt="records")
     assert rows == [{"n": 1000}]
+
+
+async def test_a_bad_ingest_among_concurrent_ones_fails_alone(symbiote_runtime: Runtime) -> None:
+    rt = symbiote_runtime
+    out: dict[int, object] = {}
+
+    async def one(i: int) -> None:
+        msg = message(i)
+        if i == 13:
+            msg = msgspec.structs.replace(msg, ts=msg.ts.replace(tzinfo=None))
+        if i == 21:
+            msg = msgspec.structs.replace(msg, media_type="gif")  # type: ignore[arg-type]
+        try:
+            out[i] = await rt.ingest([msg])
+        except InvalidRecord as exc:
+            out[i] = exc.field
+
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(one, i)
+        nursery.start_soon(one, 5)  # a repeat in the same batch: a duplicate, not an error
+    assert out.pop(13) == "messages[0].ts"
+    assert out.pop(21) == "messages[0].media_type"
+    assert all(isinstance(a, WriteAck) for a in out.values())
+    assert rt._ingest_calls.batches < 10
+    rows = await rt.query("SELECT count(*) AS n FROM messages", fmt="records")
+    assert rows == [{"n": 38}]
+    assert rt._sup.ref("data/writer").restarts == 0
 
 
 async def test_bad_request_fails_alone_in_its_batch(symbiote_runtime: Runtime) -> None:
