@@ -11,17 +11,15 @@ never can.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Literal
 
 import trio
 
-from symbiote.runtime._reply import Reply, deadline_error
+from symbiote.runtime._reply import Reply, check_timeout, deadline_error
 from symbiote.schema.errors import (
     ActorCrashed,
     ActorStopped,
-    BadArgument,
     Busy,
     DeadlineExceeded,
     SymbioteError,
@@ -233,11 +231,6 @@ class Actor:
         """Release resources; runs after every incarnation, crash or not."""
 
 
-def _check_timeout(timeout: float) -> None:
-    if not isinstance(timeout, int | float) or math.isnan(timeout) or timeout <= 0:
-        raise BadArgument(f"must be a positive number of seconds, got {timeout!r}", field="timeout")
-
-
 class ActorRef:
     """The stable address of an actor: what callers hold and send to.
 
@@ -293,7 +286,7 @@ class ActorRef:
         it refused the request, :class:`ActorCrashed` at once if the actor dies first.
         A cancelled caller leaves the actor alone: the reply is simply dropped.
         """
-        _check_timeout(timeout)
+        check_timeout(timeout)
         self._check_message(msg)
         deadline = trio.current_time() + timeout
         slot = Reply()

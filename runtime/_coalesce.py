@@ -32,7 +32,7 @@ from typing import Generic, NoReturn, TypeVar
 
 import trio
 
-from symbiote.runtime._reply import Reply, deadline_error
+from symbiote.runtime._reply import Reply, check_timeout, deadline_error
 from symbiote.schema.errors import ActorStopped, ConfigError, SymbioteError
 
 __all__ = ["Coalescer"]
@@ -42,9 +42,18 @@ R = TypeVar("R")
 
 SendFn = Callable[[list[T], float], Awaitable[Sequence["R | SymbioteError"]]]
 
+#: Callers answered per task step; the coalescer yields to the loop between slices.
+ANSWER_SLICE = 128
+
 #: The timeout ``send`` gets when every caller's deadline has just passed (they are woken
 #: by the timer; the message only has to fail fast).
 _EXPIRED_S = 1e-6
+
+
+def _own_copy(error: SymbioteError) -> SymbioteError:
+    # One exception object raised in many tasks would collect every caller's traceback
+    # (and keep their frames alive): each caller raises a copy of its own.
+    return type(error)(error.message, field=error.field)
 
 
 class _Waiting(Generic[T]):
@@ -106,11 +115,14 @@ class Coalescer(Generic[T, R]):
         Raises the item's or the batch's :class:`SymbioteError`, ``DeadlineExceeded`` after
         ``timeout`` seconds, ``ActorStopped`` once the coalescer is closed.
         """
+        check_timeout(timeout)
         deadline = trio.current_time() + timeout
         if self._closed:
-            raise ActorStopped(f"{self.name} is closed")
+            raise self._closed_error()
         if len(self._queue) >= self.max_waiting:
             await self._wait_for_room(deadline, timeout)
+            if self._closed:  # woken by the close, not by room
+                raise self._closed_error()
         slot = Reply()
         self._queue.append(_Waiting(item, deadline, slot))
         self._work.set()
@@ -124,7 +136,7 @@ class Coalescer(Generic[T, R]):
     async def _wait_for_room(self, deadline: float, timeout: float) -> None:
         while len(self._queue) >= self.max_waiting:
             if self._closed:
-                raise ActorStopped(f"{self.name} is closed")
+                raise self._closed_error()
             if self._room.is_set():
                 self._room = trio.Event()
             with trio.move_on_at(deadline) as scope:
@@ -160,17 +172,21 @@ class Coalescer(Generic[T, R]):
             return
         self._in_flight = live
         timeout = max(w.deadline for w in live) - trio.current_time()
+        results: Sequence[R | SymbioteError]
         try:
             results = await self._send([w.item for w in live], max(timeout, _EXPIRED_S))
         except SymbioteError as exc:
-            for w in live:
-                w.slot.set(None, exc)
-        else:
-            for w, result in zip(live, results, strict=True):
-                if isinstance(result, SymbioteError):
-                    w.slot.set(None, result)
-                else:
-                    w.slot.set(result, None)
+            results = [exc] * len(live)
+        for n, (w, result) in enumerate(zip(live, results, strict=True), 1):
+            if isinstance(result, SymbioteError):
+                w.slot.set(None, _own_copy(result))
+            else:
+                w.slot.set(result, None)
+            if n % ANSWER_SLICE == 0:
+                # Thousands of wake-ups in one task step would stall the loop for
+                # milliseconds. Shielded: a stop must not strand answers already owed (a
+                # committed write's caller hears it was committed).
+                await trio.lowlevel.cancel_shielded_checkpoint()
         self._in_flight = []
         self.batches += 1
         self.items += len(live)
@@ -191,11 +207,13 @@ class Coalescer(Generic[T, R]):
         del self._queue[:count]
         return batch
 
+    def _closed_error(self) -> ActorStopped:
+        return ActorStopped(f"{self.name} is closed")
+
     def _close(self) -> None:
         self._closed = True
-        error = ActorStopped(f"{self.name} is closed")
         for w in (*self._in_flight, *self._queue):
-            w.slot.set(None, error)
+            w.slot.set(None, self._closed_error())
         self._in_flight = []
         self._queue.clear()
         self._room.set()

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from symbiote.schema.errors import DeadlineExceeded, SymbioteError
+from symbiote.schema.errors import BadArgument, DeadlineExceeded, SymbioteError
 
 __all__ = ["Reply"]
 
@@ -157,6 +157,15 @@ def _timer() -> _Timer:
         _TIMER.set(timer)
         trio.lowlevel.spawn_system_task(timer.run, name="symbiote.reply-timer")
         return timer
+
+
+def check_timeout(timeout: float) -> None:
+    """Refuse a timeout that is not a positive number of seconds (``BadArgument``).
+
+    A NaN deadline would sit in the timer's heap forever and then break its cancel scope.
+    """
+    if not isinstance(timeout, int | float) or math.isnan(timeout) or timeout <= 0:
+        raise BadArgument(f"must be a positive number of seconds, got {timeout!r}", field="timeout")
 
 
 def deadline_error(name: str, timeout: float) -> DeadlineExceeded:

@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from symbiote.runtime import ActorStopped, Busy, Coalescer, ConfigError, DeadlineExceeded
+from symbiote.runtime._coalesce import ANSWER_SLICE
 from symbiote.schema.errors import BadArgument, SymbioteError
 
 
@@ -154,6 +155,49 @@ async def test_a_weight_bound_cuts_batches_but_never_strands_a_heavy_item() -> N
     assert send.batches == [[1], [3, 3, 3], [4], [30], [2]]
 
 
+class _WakeupsPerStep(trio.abc.Instrument):
+    """The most tasks one task step of ``name`` made runnable."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.running: trio.lowlevel.Task | None = None
+        self.count = 0
+        self.most = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.running, self.count = task, 0
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        if self.running is not None and self.running.name.endswith(self.name):
+            self.count += 1
+            self.most = max(self.most, self.count)
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.running = None
+
+
+async def test_a_large_batch_is_answered_in_slices() -> None:
+    # 1,000 wake-ups in one task step would hold the loop for milliseconds.
+    send = Recorder()
+    send.hold = True
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=2048, max_waiting=2048)
+    probe = _WakeupsPerStep("Coalescer.run")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        async with trio.open_nursery() as callers:
+            callers.start_soon(_call_all, c, range(1))  # the first batch, held
+            await trio.testing.wait_all_tasks_blocked()
+            callers.start_soon(_call_all, c, range(1, 1001))
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.add_instrument(probe)
+            send.hold = False
+            send.release.set()
+        trio.lowlevel.remove_instrument(probe)
+        nursery.cancel_scope.cancel()
+    assert c.items == 1001
+    assert 0 < probe.most <= ANSWER_SLICE + 1
+
+
 async def test_each_caller_keeps_its_own_deadline(autojump_clock: trio.testing.MockClock) -> None:
     send = Recorder(delay=5.0)
     c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
@@ -254,6 +298,58 @@ async def test_stopping_fails_queued_and_in_flight_callers_and_later_calls() -> 
     assert all(isinstance(v, ActorStopped) for v in results.values())
     with pytest.raises(ActorStopped, match="searches is closed"):
         await c.call(1, timeout=1)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), 0.0, -1.0, "5"])
+async def test_a_bad_timeout_is_refused_before_it_joins_a_batch(timeout: Any) -> None:
+    send = Recorder()
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        with pytest.raises(BadArgument) as info:
+            await c.call(1, timeout=timeout)
+        assert info.value.field == "timeout"
+        assert await c.call(2, timeout=5) == 20  # nothing poisoned the timer or a batch
+        nursery.cancel_scope.cancel()
+    assert send.batches == [[2]]
+
+
+async def test_a_caller_waiting_for_room_hears_of_the_stop_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    send.hold = True
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=1, max_waiting=1)
+    seen: dict[str, object] = {}
+
+    async def late() -> None:
+        t0 = trio.current_time()
+        with pytest.raises(ActorStopped):
+            await c.call(9, timeout=1000)
+        seen["after"] = trio.current_time() - t0
+
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(c.run)
+            outer.start_soon(_call_all, c, range(2))  # one in flight, one filling the queue
+            await trio.testing.wait_all_tasks_blocked()
+            outer.start_soon(late)  # waits for room
+            await trio.sleep(5)
+            nursery.cancel_scope.cancel()
+    assert seen["after"] == pytest.approx(5.0)  # at the stop, not at its 1,000 s deadline
+
+
+async def test_callers_of_a_failed_batch_raise_their_own_error_objects() -> None:
+    send = Recorder()
+    send.fail_batch = Busy("full")
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        out = await _call_all(c, range(3))
+        nursery.cancel_scope.cancel()
+    errors = list(out.values())
+    assert all(isinstance(e, Busy) and str(e) == "full" for e in errors)
+    assert len({id(e) for e in errors}) == 3
 
 
 @pytest.mark.parametrize(
