@@ -19,7 +19,7 @@ import datetime as _dt
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import duckdb
 import msgspec
@@ -64,6 +64,8 @@ from symbiote.schema.records import (
 )
 
 __all__ = ["BatchResult", "StoreState", "apply_batch", "prepare_request"]
+
+_R = TypeVar("_R")
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +220,16 @@ def _encode_one_json(value: Any, cap: int, path: str) -> str:
     return raw.decode()
 
 
+def _records(values: tuple[_R, ...], path: str) -> tuple[_R, ...]:
+    # A struct does not check its field types when built in Python; a request that did not
+    # come through the runtime may carry anything in place of its tuple of records.
+    if isinstance(values, tuple):
+        return values
+    if isinstance(values, list):
+        return tuple(values)
+    raise InvalidRecord(f"expected a tuple, got {type(values).__name__}", field=path)
+
+
 def prepare_request(
     index: int, request: WriteRequest, limits: Limits, *, validate: bool = True
 ) -> _Prepared:
@@ -227,7 +239,7 @@ def prepare_request(
     still encodes and size-checks JSON.
     """
     if isinstance(request, IngestMessages):
-        msgs = request.messages
+        msgs = _records(request.messages, "messages")
         if validate:
             validate_messages(msgs, limits)
         cap = limits.max_json_bytes
@@ -239,7 +251,7 @@ def prepare_request(
             json_b=_encode_json((m.pii_flags for m in msgs), cap, "messages", "pii_flags"),
         )
     if isinstance(request, UpsertDocuments):
-        docs = request.documents
+        docs = _records(request.documents, "documents")
         if validate:
             validate_documents(docs, limits)
         return _Prepared(
@@ -251,7 +263,7 @@ def prepare_request(
             ),
         )
     if isinstance(request, UpsertChunks):
-        chunks = request.chunks
+        chunks = _records(request.chunks, "chunks")
         # The embedding matrix is needed to write anyway, so it is always built and checked.
         matrix = validate_chunks(chunks, limits)
         return _Prepared(
@@ -272,7 +284,7 @@ def prepare_request(
             changes[name] = value
         return _Prepared(index, "correct", event_id=request.event_id, changes=changes)
     if isinstance(request, DeleteChunks):
-        ids = request.chunk_ids
+        ids = _records(request.chunk_ids, "chunk_ids")
         if len(ids) > limits.max_rows_per_request:
             raise TooLarge(
                 f"{len(ids)} ids, more than {limits.max_rows_per_request}", field="chunk_ids"
@@ -1046,7 +1058,11 @@ def _prepare_messages_together(
     the same check; if anything in it is wrong this returns nothing and every request is
     prepared on its own, so the error still names the request's own field path.
     """
-    picked = [(i, r) for i, r in enumerate(requests) if type(r) is IngestMessages and r.messages]
+    picked = [
+        (i, r)
+        for i, r in enumerate(requests)
+        if type(r) is IngestMessages and type(r.messages) is tuple and r.messages
+    ]
     if len(picked) < 2:
         return None
     msgs = [m for _, r in picked for m in r.messages]

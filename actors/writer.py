@@ -32,6 +32,7 @@ from symbiote.schema.errors import (
     DeadlineExceeded,
     Failure,
     SymbioteError,
+    WrongMessage,
     error_for_code,
 )
 from symbiote.schema.messages import (
@@ -59,18 +60,26 @@ ACK_SLICE = 128
 def request_rows(msg: Any) -> int:
     """How many rows a write request carries (the unit of the batch bound)."""
     if isinstance(msg, IngestMessages):
-        return len(msg.messages)
+        return _count(msg.messages)
     if isinstance(msg, IngestBatch):
-        return max(1, sum(len(r.messages) for r in msg.requests))
+        parts = msg.requests if isinstance(msg.requests, tuple | list) else ()
+        return max(1, sum(_count(r.messages) for r in parts if type(r) is IngestMessages))
     if isinstance(msg, UpsertDocuments):
-        return len(msg.documents)
+        return _count(msg.documents)
     if isinstance(msg, UpsertChunks):
-        return len(msg.chunks)
+        return _count(msg.chunks)
     if isinstance(msg, DeleteChunks):
-        return len(msg.chunk_ids)
+        return _count(msg.chunk_ids)
     if isinstance(msg, PersistMesh):
         return max(1, msg.size())
     return 1
+
+
+def _count(records: object) -> int:
+    # Structs do not check their field types when built: a request from another sender may
+    # hold anything there. It is refused with a typed error when prepared; here it must
+    # only not crash the writer.
+    return len(records) if isinstance(records, tuple | list) else 1
 
 
 class Writer(Actor):
@@ -157,7 +166,7 @@ class Writer(Actor):
             except trio.EndOfChannel:
                 return
             batch = await self._gather(inbox, first)
-            live = [r for r in batch if not self._drop_abandoned(r)]
+            live = [r for r in batch if not self._drop_abandoned(r) and not _malformed(r)]
             if live:
                 done = await self._commit(live)
                 await acks.send(done)
@@ -259,6 +268,26 @@ class _Committed:
     def answer_all(self) -> None:
         for request, outcome in zip(self.requests, self.outcomes, strict=True):
             _answer(request, outcome)
+
+
+def _malformed(request: Request) -> bool:
+    """Refuse an IngestBatch holding anything but IngestMessages (True if refused)."""
+    msg = request.msg
+    if type(msg) is not IngestBatch:
+        return False
+    parts = msg.requests
+    if not isinstance(parts, tuple | list):
+        request.fail(WrongMessage("must be a tuple of IngestMessages", field="requests"))
+        return True
+    for i, part in enumerate(parts):
+        if type(part) is not IngestMessages:
+            request.fail(
+                WrongMessage(
+                    f"expected IngestMessages, got {type(part).__name__}", field=f"requests[{i}]"
+                )
+            )
+            return True
+    return False
 
 
 def _unpacked(batch: list[Request]) -> list[Any]:

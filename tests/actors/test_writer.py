@@ -13,7 +13,14 @@ from symbiote.actors.database import Database
 from symbiote.actors.writer import Writer
 from symbiote.runtime import Config, open_runtime
 from symbiote.runtime._guard import LoopGuard
-from symbiote.schema.errors import ActorCrashed, ActorStopped, Busy, Failure
+from symbiote.schema.errors import (
+    ActorCrashed,
+    ActorStopped,
+    Busy,
+    Failure,
+    InvalidRecord,
+    WrongMessage,
+)
 from symbiote.schema.messages import (
     ChunksCommitted,
     IngestBatch,
@@ -123,3 +130,29 @@ async def test_an_ingest_batch_answers_each_request_on_its_own(
         assert empty == WriteAck(written=0)
         rows = await rt.query("SELECT event_id FROM messages ORDER BY event_id", fmt="records")
         assert [r["event_id"] for r in rows] == [message(i).event_id for i in (0, 1, 3, 4)]
+
+
+@pytest.mark.parametrize(
+    ("msg", "error", "field"),
+    [
+        (IngestBatch(requests=(IngestMessages(messages=()), "x")), WrongMessage, "requests[1]"),  # type: ignore[arg-type]
+        (IngestBatch(requests=None), WrongMessage, "requests"),  # type: ignore[arg-type]
+        (IngestMessages(messages=None), InvalidRecord, "messages"),  # type: ignore[arg-type]
+        (UpsertChunks(chunks=5), InvalidRecord, "chunks"),  # type: ignore[arg-type]
+    ],
+)
+async def test_a_malformed_write_from_another_sender_is_refused_and_harmless(
+    tmp_path: Path, loop_guard: LoopGuard, msg: object, error: type[Exception], field: str
+) -> None:
+    # Structs do not check their field types when built: a sender other than the runtime may
+    # put anything in them. The writer must answer with a typed error and stay up.
+    from tests.scenarios.chat import message
+
+    config = Config(db_path=str(tmp_path / "w.duckdb"), dim=DIM, readers=1)
+    async with open_runtime(config) as rt:
+        writer = rt._sup.ref("data/writer")
+        with pytest.raises(error) as info:
+            await writer.ask(msg, timeout=10)
+        assert info.value.field == field  # type: ignore[attr-defined]
+        assert (await rt.ingest([message(1)])).written == 1
+        assert writer.restarts == 0
