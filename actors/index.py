@@ -214,7 +214,8 @@ class IndexSettings(msgspec.Struct, frozen=True, kw_only=True):
     apply_rows: int = 1024
     #: How often the actor checks the table for commits whose notice was dropped.
     poll_s: float = 1.0
-    #: Most queries in one library call, and most queued before the mailbox backs up.
+    #: Most query rows in one library call (and in one KnnBatch), and most queued before the
+    #: mailbox backs up.
     max_batch: int = 256
     max_pending: int = 1024
 
@@ -346,6 +347,7 @@ class Index(Actor):
         self._target_seq = 0
         self._wake = trio.Event()
         self._pending: list[_Search] = []
+        self._pending_rows = 0
         self._work = trio.Event()
         self._room = trio.Event()
         self._waiters: list[Request] = []
@@ -509,13 +511,15 @@ class Index(Actor):
             )
             request.reply(hits if single else KnnBatchHits(rows=[hits] * len(vectors)))
             return
-        while len(self._pending) >= self.settings.max_pending:
-            # Backpressure: stop taking from the mailbox until a batch drains.
+        while self._pending_rows >= self.settings.max_pending:
+            # Backpressure (counted in query rows: a KnnBatch holds many): stop taking from
+            # the mailbox until a batch drains.
             self._room = trio.Event()
             await self._room.wait()
         # hnswlib searches with max(ef, k): grouping by that keeps a big over-fetch from
         # dragging the small queries of its batch up to its ef.
         self._pending.append(_Search(request, vectors, k, max(ef, k), single))
+        self._pending_rows += len(vectors)
         self._work.set()
 
     def _checked_batch(self, vectors: object) -> np.ndarray:
@@ -562,6 +566,7 @@ class Index(Actor):
             taken += 1
         batch = self._pending[:taken]
         del self._pending[:taken]
+        self._pending_rows -= rows
         return batch
 
     async def _search_group(self, group: list[_Search], ef: int) -> None:

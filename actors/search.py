@@ -270,8 +270,7 @@ class SearchPlanner:
         if flt is None and not (rerank or one_per_document or with_rows):
             # The plain query, most of the traffic: the index's answer is the answer, so it
             # is passed on as it is (no candidate tuples, no re-picking).
-            # Nothing ran before this step, so its time limit is the caller's timeout.
-            hits = await self._knn(query, kk, ef_, timeout)
+            hits = await self._knn(query, kk, ef_, deadline.left())
             if hits.ready:
                 self.plans["hnsw"] += 1
                 return SearchHits(
@@ -281,7 +280,10 @@ class SearchPlanner:
                     plan="hnsw",
                     fetched=kk,
                 )
-        if flt is None:
+            # Still building: the exact scan, without asking the index a second time.
+            picked = await self._exact(query, kk, "TRUE", [], False, deadline)
+            plan, fetched = "exact", 0
+        elif flt is None:
             picked, plan, fetched = await self._unfiltered(
                 query, kk, ef_, rerank, one_per_document, deadline
             )
