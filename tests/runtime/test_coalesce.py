@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -40,6 +42,16 @@ class Recorder:
         ]
 
 
+@asynccontextmanager
+async def running(send: Recorder, **limits: Any) -> AsyncIterator[Coalescer[int, int]]:
+    """A coalescer named ``t`` over ``send``, its task running for the block."""
+    c: Coalescer[int, int] = Coalescer(send, name="t", **limits)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        yield c
+        nursery.cancel_scope.cancel()
+
+
 async def _call_all(
     c: Coalescer[int, int], items: range, timeout: float = 10.0
 ) -> dict[int, object]:
@@ -59,11 +71,8 @@ async def _call_all(
 
 async def test_concurrent_calls_go_out_as_one_batch_and_each_gets_its_answer() -> None:
     send = Recorder()
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=64, max_waiting=64)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=64, max_waiting=64) as c:
         out = await _call_all(c, range(20))
-        nursery.cancel_scope.cancel()
     assert out == {i: i * 10 for i in range(20)}
     assert len(send.batches) == 1 and sorted(send.batches[0]) == list(range(20))
     assert (c.batches, c.items) == (1, 20)
@@ -71,12 +80,9 @@ async def test_concurrent_calls_go_out_as_one_batch_and_each_gets_its_answer() -
 
 async def test_a_lone_caller_is_sent_at_once() -> None:
     send = Recorder()
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=8, max_waiting=8) as c:
         for i in range(3):
             assert await c.call(i, timeout=5) == i * 10
-        nursery.cancel_scope.cancel()
     assert send.batches == [[0], [1], [2]]
 
 
@@ -84,14 +90,11 @@ async def test_calls_made_while_a_batch_is_in_flight_form_the_next_one(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     send = Recorder(delay=1.0)
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=100, max_waiting=100)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=100, max_waiting=100) as c:
         async with trio.open_nursery() as callers:
             callers.start_soon(_call_all, c, range(0, 1))
             await trio.sleep(0.5)  # the first batch is in flight now
             callers.start_soon(_call_all, c, range(1, 30))
-        nursery.cancel_scope.cancel()
     assert send.batches[0] == [0]
     assert sorted(send.batches[1]) == list(range(1, 30))
 
@@ -99,11 +102,8 @@ async def test_calls_made_while_a_batch_is_in_flight_form_the_next_one(
 async def test_an_item_error_fails_that_caller_only() -> None:
     send = Recorder()
     send.fail_items = {3}
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=16, max_waiting=16)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=16, max_waiting=16) as c:
         out = await _call_all(c, range(8))
-        nursery.cancel_scope.cancel()
     assert isinstance(out[3], BadArgument) and out[3].field == "item3"
     assert {i: v for i, v in out.items() if i != 3} == {i: i * 10 for i in range(8) if i != 3}
 
@@ -111,23 +111,17 @@ async def test_an_item_error_fails_that_caller_only() -> None:
 async def test_a_batch_error_fails_every_caller_of_the_batch() -> None:
     send = Recorder()
     send.fail_batch = Busy("index full")
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=16, max_waiting=16)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=16, max_waiting=16) as c:
         out = await _call_all(c, range(5))
         send.fail_batch = None
         assert await c.call(7, timeout=5) == 70  # and the coalescer carries on
-        nursery.cancel_scope.cancel()
     assert all(isinstance(v, Busy) for v in out.values())
 
 
 async def test_batches_hold_at_most_max_batch_items() -> None:
     send = Recorder()
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=64)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=8, max_waiting=64) as c:
         out = await _call_all(c, range(30))
-        nursery.cancel_scope.cancel()
     assert out == {i: i * 10 for i in range(30)}
     assert max(len(b) for b in send.batches) == 8
     assert sum(len(b) for b in send.batches) == 30
@@ -136,11 +130,7 @@ async def test_batches_hold_at_most_max_batch_items() -> None:
 async def test_a_weight_bound_cuts_batches_but_never_strands_a_heavy_item() -> None:
     send = Recorder()
     send.hold = True
-    c: Coalescer[int, int] = Coalescer(
-        send, name="t", max_batch=64, max_waiting=64, weight=lambda i: i, max_weight=10
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=64, max_waiting=64, weight=lambda i: i, max_weight=10) as c:
         async with trio.open_nursery() as callers:
             callers.start_soon(_call_all, c, range(1, 2))  # in flight, held
             await trio.testing.wait_all_tasks_blocked()
@@ -151,7 +141,6 @@ async def test_a_weight_bound_cuts_batches_but_never_strands_a_heavy_item() -> N
                 await trio.testing.wait_all_tasks_blocked()
             send.hold = False
             send.release.set()
-        nursery.cancel_scope.cancel()
     assert send.batches == [[1], [3, 3, 3], [4], [30], [2]]
 
 
@@ -180,10 +169,8 @@ async def test_a_large_batch_is_answered_in_slices() -> None:
     # 1,000 wake-ups in one task step would hold the loop for milliseconds.
     send = Recorder()
     send.hold = True
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=2048, max_waiting=2048)
     probe = _WakeupsPerStep("Coalescer.run")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=2048, max_waiting=2048) as c:
         async with trio.open_nursery() as callers:
             callers.start_soon(_call_all, c, range(1))  # the first batch, held
             await trio.testing.wait_all_tasks_blocked()
@@ -193,7 +180,6 @@ async def test_a_large_batch_is_answered_in_slices() -> None:
             send.hold = False
             send.release.set()
         trio.lowlevel.remove_instrument(probe)
-        nursery.cancel_scope.cancel()
     assert c.items == 1001
     assert 0 < probe.most <= ANSWER_SLICE + 1
 
@@ -227,9 +213,7 @@ async def test_a_caller_that_left_before_its_batch_is_not_sent(
 ) -> None:
     send = Recorder()
     send.hold = True
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=8, max_waiting=8) as c:
         async with trio.open_nursery() as callers:
             callers.start_soon(_call_all, c, range(0, 1))  # in flight, held
             await trio.sleep(1)
@@ -239,7 +223,6 @@ async def test_a_caller_that_left_before_its_batch_is_not_sent(
             await trio.sleep(1)
             send.hold = False
             send.release.set()
-        nursery.cancel_scope.cancel()
     assert [sorted(b) for b in send.batches] == [[0], [1, 2]]
 
 
@@ -248,9 +231,7 @@ async def test_a_full_queue_makes_callers_wait_then_time_out(
 ) -> None:
     send = Recorder()
     send.hold = True
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=2, max_waiting=2)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=2, max_waiting=2) as c:
         async with trio.open_nursery() as callers:
             callers.start_soon(_call_all, c, range(0, 2))  # taken: in flight, held
             await trio.sleep(1)
@@ -264,17 +245,13 @@ async def test_a_full_queue_makes_callers_wait_then_time_out(
             assert c.waiting == 2  # the refused call never entered the queue
             send.hold = False
             send.release.set()
-        nursery.cancel_scope.cancel()
     assert [sorted(b) for b in send.batches] == [[0, 1], [2, 3]]
 
 
 async def test_room_frees_a_waiting_caller(autojump_clock: trio.testing.MockClock) -> None:
     send = Recorder(delay=1.0)
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=1, max_waiting=1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=1, max_waiting=1) as c:
         out = await _call_all(c, range(5), timeout=100.0)
-        nursery.cancel_scope.cancel()
     assert out == {i: i * 10 for i in range(5)}
 
 
@@ -303,14 +280,11 @@ async def test_stopping_fails_queued_and_in_flight_callers_and_later_calls() -> 
 @pytest.mark.parametrize("timeout", [float("nan"), 0.0, -1.0, "5"])
 async def test_a_bad_timeout_is_refused_before_it_joins_a_batch(timeout: Any) -> None:
     send = Recorder()
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=8, max_waiting=8) as c:
         with pytest.raises(BadArgument) as info:
             await c.call(1, timeout=timeout)
         assert info.value.field == "timeout"
         assert await c.call(2, timeout=5) == 20  # nothing poisoned the timer or a batch
-        nursery.cancel_scope.cancel()
     assert send.batches == [[2]]
 
 
@@ -342,11 +316,8 @@ async def test_a_caller_waiting_for_room_hears_of_the_stop_at_once(
 async def test_callers_of_a_failed_batch_raise_their_own_error_objects() -> None:
     send = Recorder()
     send.fail_batch = Busy("full")
-    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=8, max_waiting=8)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
+    async with running(send, max_batch=8, max_waiting=8) as c:
         out = await _call_all(c, range(3))
-        nursery.cancel_scope.cancel()
     errors = list(out.values())
     assert all(isinstance(e, Busy) and str(e) == "full" for e in errors)
     assert len({id(e) for e in errors}) == 3
