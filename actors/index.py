@@ -20,12 +20,15 @@ Life cycle:
   damaged, or it claims a ``seq`` the database never reached -- then catches up in bounded
   rounds, with progress logged and snapshots taken along the way (a build killed halfway
   resumes from its last snapshot). Until that first catch-up is done the actor is *not ready*:
-  it answers :class:`Knn` at once with ``ready=False`` and no hits, and the search planner
+  it answers :class:`Knn` and :class:`KnnBatch` at once with ``ready=False`` and no hits, and
+  the search planner
   answers with an exact scan inside DuckDB instead (correct, slower). :class:`IndexStatus`
   reports the phase and progress, :class:`AwaitReady` waits for the end of the build.
-* Then it follows the writer, serves :class:`Knn` searches micro-batched (all pending queries
-  go into one library call in a worker thread, as ``MicroBatcher`` does), and saves a
-  snapshot after enough changes or ``snapshot_interval_s`` seconds.
+* Then it follows the writer, serves searches micro-batched (the rows of every pending
+  :class:`Knn` and :class:`KnnBatch`, up to ``max_batch``, go into one library call in a
+  worker thread, as ``MicroBatcher`` does; the runtime sends one ``KnnBatch`` per turn of
+  the loop for all its concurrent callers), and saves a snapshot after enough changes or
+  ``snapshot_interval_s`` seconds.
 * ``on_stop`` saves a final snapshot if anything changed since the last one -- unless the
   build was still running or a round was cut short (stopping must be prompt; the build resumes
   from its last snapshot).
@@ -185,7 +188,7 @@ class IndexInfo(msgspec.Struct, frozen=True, kw_only=True):
     loaded_snapshot: bool
     rebuilt: bool
     searches: int
-    #: Knn requests answered with ``ready=False`` while building.
+    #: Query rows answered with ``ready=False`` while building.
     searches_not_ready: int
     batches: int
     catchups: int
