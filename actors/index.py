@@ -20,10 +20,10 @@ Life cycle:
   damaged, or it claims a ``seq`` the database never reached -- then catches up in bounded
   rounds, with progress logged and snapshots taken along the way (a build killed halfway
   resumes from its last snapshot). Until that first catch-up is done the actor is *not ready*:
-  it answers :class:`Knn` and :class:`KnnBatch` at once with ``ready=False`` and no hits, and
-  the search planner
-  answers with an exact scan inside DuckDB instead (correct, slower). :class:`IndexStatus`
-  reports the phase and progress, :class:`AwaitReady` waits for the end of the build.
+  it answers :class:`Knn` and :class:`KnnBatch` at once with ``ready=False`` and no hits,
+  and the search planner answers with an exact scan inside DuckDB instead (correct, slower).
+  :class:`IndexStatus` reports the phase and progress, :class:`AwaitReady` waits for the end
+  of the build.
 * Then it follows the writer, serves searches micro-batched (the rows of every pending
   :class:`Knn` and :class:`KnnBatch`, up to ``max_batch``, go into one library call in a
   worker thread, as ``MicroBatcher`` does; the runtime sends one ``KnnBatch`` per turn of
