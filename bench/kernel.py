@@ -24,7 +24,15 @@ import trio
 import trio.lowlevel
 from _common import emit_json, percentile, print_table, rss_bytes
 
-from symbiote.runtime import Actor, Busy, ChildSpec, Inbox, SupervisorSpec, open_supervisor
+from symbiote.runtime import (
+    Actor,
+    Busy,
+    ChildSpec,
+    Coalescer,
+    Inbox,
+    SupervisorSpec,
+    open_supervisor,
+)
 
 
 class Echo(Actor):
@@ -79,6 +87,42 @@ async def ask_round_trips(n: int) -> list[float]:
             await ref.ask(i, timeout=5)
             samples.append(time.perf_counter() - t0)
     return samples
+
+
+async def concurrent_calls(n: int, callers: int, coalesced: bool) -> float:
+    """Calls per second from ``callers`` tasks to an echo actor: one ``ask`` per call, or
+    through a :class:`Coalescer` (one ``ask`` per batch, the actor echoing the list)."""
+    spec = SupervisorSpec(
+        id="bench", children=(ChildSpec(id="echo", factory=Echo, mailbox=max(64, callers)),)
+    )
+    per = n // callers
+    async with open_supervisor(spec) as sup:
+        ref = sup.ref("echo")
+
+        async def send(items: list[int], timeout: float) -> list[int]:
+            echoed: list[int] = await ref.ask(items, timeout=timeout)
+            return echoed
+
+        batcher: Coalescer[int, int] = Coalescer(
+            send, name="echo", max_batch=callers, max_waiting=callers
+        )
+
+        async def caller() -> None:
+            for i in range(per):
+                if coalesced:
+                    await batcher.call(i, timeout=5)
+                else:
+                    await ref.ask(i, timeout=5)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(batcher.run)
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as calls:
+                for _ in range(callers):
+                    calls.start_soon(caller)
+            took = time.perf_counter() - t0
+            nursery.cancel_scope.cancel()
+    return per * callers / took
 
 
 async def tell_throughput(n: int) -> float:
@@ -150,6 +194,11 @@ async def main(quick: bool) -> None:
     for _ in range(3):
         bare += await bare_round_trips(n // 3)
         ask += await ask_round_trips(n // 3)
+    asked: list[float] = []
+    coalesced: list[float] = []
+    for _ in range(3):
+        asked.append(await concurrent_calls(n * 4, 64, coalesced=False))
+        coalesced.append(await concurrent_calls(n * 4, 64, coalesced=True))
     tells_per_s = await tell_throughput(50_000 if quick else 500_000)
     wait = await overload(100_000, 100, "wait")
     fail = await overload(100_000, 100, "fail")
@@ -170,6 +219,13 @@ async def main(quick: bool) -> None:
         ],
         title=f"ask round trip ({len(ask):,} sequential calls each)",
     )
+    print_table(
+        [
+            {"path": "ActorRef.ask per call", "calls_per_s": max(asked)},
+            {"path": "Coalescer: one ask per batch", "calls_per_s": max(coalesced)},
+        ],
+        title="64 concurrent callers to one echo actor (best of 3, interleaved)",
+    )
     print_table([{"tells_per_s": tells_per_s}], title="tell throughput (one producer)")
     print_table(
         [{"policy": "wait", **wait}, {"policy": "fail", **fail}],
@@ -184,6 +240,9 @@ async def main(quick: bool) -> None:
             "bare_p50_us": percentile(bare, 50) * us,
             "bare_p99_us": percentile(bare, 99) * us,
             "ask_ratio_vs_bare": percentile(ask, 50) / percentile(bare, 50),
+            "calls_per_s_64_ask": max(asked),
+            "calls_per_s_64_coalesced": max(coalesced),
+            "coalesced_ratio_vs_ask": max(coalesced) / max(asked),
             "tells_per_s": tells_per_s,
             "overload_rss_growth_mb": max(wait["rss_growth_mb"], fail["rss_growth_mb"]),
             "overload_loop_lag_p99_ms": max(wait["lag_p99_ms"], fail["lag_p99_ms"]),
