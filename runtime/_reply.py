@@ -36,7 +36,7 @@ class Reply:
     actor can skip or interrupt work nobody will read.
     """
 
-    __slots__ = ("_abandon_event", "_task", "abandoned", "done", "error", "value")
+    __slots__ = ("_abandon_event", "_task", "_timer", "abandoned", "done", "error", "value")
 
     def __init__(self) -> None:
         self.done = False
@@ -44,6 +44,9 @@ class Reply:
         self.error: SymbioteError | None = None
         self.abandoned = False
         self._task: trio.lowlevel.Task | None = None
+        # The run's timer, kept from wait(): answering is on every reply's path, and looking
+        # the timer up again (a RunVar) cost a lookup per answer.
+        self._timer: _Timer | None = None
         self._abandon_event: trio.Event | None = None
 
     def set(self, value: Any, error: SymbioteError | None) -> bool:
@@ -56,7 +59,8 @@ class Reply:
         task = self._task
         if task is not None:
             self._task = None
-            _timer().answered()
+            assert self._timer is not None  # set with _task in wait()
+            self._timer.answered()
             trio.lowlevel.reschedule(task)
         return True
 
@@ -84,7 +88,7 @@ class Reply:
         if self.done:
             await trio.lowlevel.checkpoint()
             return True
-        timer = _timer()
+        timer = self._timer = _timer()
         self._task = trio.lowlevel.current_task()
         timer.add(deadline, self)
 
@@ -103,7 +107,8 @@ class Reply:
         if task is None:
             return  # answered or aborted already, and counted then
         self._task = None
-        _timer().answered()
+        assert self._timer is not None
+        self._timer.answered()
         self.abandon()
         trio.lowlevel.reschedule(task)
 
