@@ -31,9 +31,8 @@ from symbiote.schema.errors import (
     ActorStopped,
     DeadlineExceeded,
     Failure,
-    SymbioteError,
     WrongMessage,
-    error_for_code,
+    error_of,
 )
 from symbiote.schema.messages import (
     ChunksCommitted,
@@ -324,8 +323,4 @@ def _answer(request: Request, outcome: WriteAck | WriteAcks | Failure) -> None:
     if isinstance(outcome, WriteAck | WriteAcks):
         request.reply(outcome)
     else:
-        request.fail(_error(outcome))
-
-
-def _error(failure: Failure) -> SymbioteError:
-    return error_for_code(failure.code)(failure.message, field=failure.field)
+        request.fail(error_of(outcome))

@@ -104,7 +104,7 @@ from symbiote.schema.errors import (
     NotFound,
     SymbioteError,
     WriteConflict,
-    error_for_code,
+    error_of,
 )
 from symbiote.schema.mesh import FederatedHits, Grant, MemberInfo, MeshInfo, Published
 from symbiote.schema.messages import (
@@ -751,10 +751,7 @@ class Runtime:
         acks: WriteAcks = await self._writer.ask(
             IngestBatch(requests=tuple(requests)), timeout=timeout
         )
-        return [
-            o if isinstance(o, WriteAck) else error_for_code(o.code)(o.message, field=o.field)
-            for o in acks.outcomes
-        ]
+        return [o if isinstance(o, WriteAck) else error_of(o) for o in acks.outcomes]
 
     async def _knn(self, vector: Any, k: int, ef: int | None, timeout: float) -> KnnHits:
         self._index_ref()

@@ -33,6 +33,7 @@ __all__ = [
     "WriteConflict",
     "WrongMessage",
     "error_for_code",
+    "error_of",
     "raise_failure",
 ]
 
@@ -172,6 +173,11 @@ def error_for_code(code: str) -> type[SymbioteError]:
     return SymbioteError
 
 
+def error_of(failure: Failure) -> SymbioteError:
+    """The exception that ``failure`` describes (the reverse of ``to_failure``)."""
+    return error_for_code(failure.code)(failure.message, field=failure.field)
+
+
 def raise_failure(failure: Failure) -> None:
     """Raise the exception that ``failure`` describes."""
-    raise error_for_code(failure.code)(failure.message, field=failure.field)
+    raise error_of(failure)
