@@ -122,6 +122,7 @@ class Writer(Actor):
         self.rows = 0
         self.dropped_notifications = 0
         self._answering: _Committed | None = None
+        self._handing: _Committed | None = None
 
     async def on_start(self) -> None:
         self._con, self._state = await run_in_db_thread(self._open, limiter=self._limiter)
@@ -168,7 +169,12 @@ class Writer(Actor):
             live = [r for r in batch if not self._drop_abandoned(r) and not _malformed(r)]
             if live:
                 done = await self._commit(live)
+                # Committed: its callers must hear so even if a stop cancels the hand-over
+                # to the ack task (run's finally answers it). The commit itself runs to its
+                # end in the thread; the cancel lands on the next checkpoint, this send.
+                self._handing = done
                 await acks.send(done)
+                self._handing = None
 
     async def _ack_loop(self, receive: trio.MemoryReceiveChannel[_Committed]) -> None:
         async for done in receive:
@@ -177,7 +183,7 @@ class Writer(Actor):
             self._answering = None
 
     def _unanswered(self, receive: trio.MemoryReceiveChannel[_Committed]) -> list[_Committed]:
-        out = [] if self._answering is None else [self._answering]
+        out = [done for done in (self._handing, self._answering) if done is not None]
         while True:
             try:
                 out.append(receive.receive_nowait())
