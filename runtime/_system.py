@@ -977,23 +977,25 @@ async def open_runtime(config: Config | None = None) -> AsyncIterator[Runtime]:
     partition = partition_spec(config)
     gil_s = None if config.gil_switch_interval_ms is None else config.gil_switch_interval_ms / 1e3
     with switch_interval(gil_s), unwrap_single():
-        async with (
-            open_supervisor(build_tree(config, db, partition=partition)) as sup,
-            trio.open_nursery() as nursery,
-        ):
-            runtime = Runtime(config, sup, db, partition=partition)
-            await nursery.start(runtime._ingest_calls.run)
-            if runtime._knn_calls is not None:
-                await nursery.start(runtime._knn_calls.run)
-            if config.gc_freeze:
-                gc.freeze()
-            log.info(
-                "runtime started", extra={"db_path": config.db_path, "readers": config.readers}
-            )
+        # The coalescers' tasks outlive the tree: a batch in flight when the body ends is
+        # answered by the stopping writer (its committed groups are always answered) and
+        # handed on to its callers; only then are the coalescers closed.
+        async with trio.open_nursery() as coalescers:
             try:
-                yield runtime
+                async with open_supervisor(build_tree(config, db, partition=partition)) as sup:
+                    runtime = Runtime(config, sup, db, partition=partition)
+                    await coalescers.start(runtime._ingest_calls.run)
+                    if runtime._knn_calls is not None:
+                        await coalescers.start(runtime._knn_calls.run)
+                    if config.gc_freeze:
+                        gc.freeze()
+                    log.info(
+                        "runtime started",
+                        extra={"db_path": config.db_path, "readers": config.readers},
+                    )
+                    yield runtime
             finally:
-                nursery.cancel_scope.cancel()
+                coalescers.cancel_scope.cancel()
 
 
 class BlockingRuntime:

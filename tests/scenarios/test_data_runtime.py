@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import duckdb
 import msgspec
 import pytest
 import trio
 
 from symbiote.runtime import (
     ActorCrashed,
+    ActorStopped,
     BadArgument,
+    Config,
     DeadlineExceeded,
     Runtime,
+    open_runtime,
 )
+from symbiote.runtime._guard import LoopGuard
 from symbiote.schema.errors import InvalidRecord, QueryError, TooLarge
 from symbiote.schema.messages import WriteAck
 from tests.scenarios.chat import chunk, message, post
@@ -57,6 +62,7 @@ async def test_concurrent_requests_share_commits(symbiote_runtime: Runtime) -> N
 async def test_a_bad_ingest_among_concurrent_ones_fails_alone(symbiote_runtime: Runtime) -> None:
     rt = symbiote_runtime
     out: dict[int, object] = {}
+    repeats: list[WriteAck] = []
 
     async def one(i: int) -> None:
         msg = message(i)
@@ -65,9 +71,13 @@ async def test_a_bad_ingest_among_concurrent_ones_fails_alone(symbiote_runtime: 
         if i == 21:
             msg = msgspec.structs.replace(msg, media_type="gif")  # type: ignore[arg-type]
         try:
-            out[i] = await rt.ingest([msg])
+            ack = await rt.ingest([msg])
         except InvalidRecord as exc:
             out[i] = exc.field
+        else:
+            if i == 5:
+                repeats.append(ack)
+            out[i] = ack
 
     async with trio.open_nursery() as nursery:
         for i in range(40):
@@ -76,6 +86,7 @@ async def test_a_bad_ingest_among_concurrent_ones_fails_alone(symbiote_runtime: 
     assert out.pop(13) == "messages[0].ts"
     assert out.pop(21) == "messages[0].media_type"
     assert all(isinstance(a, WriteAck) for a in out.values())
+    assert sorted((a.written, a.duplicates) for a in repeats) == [(0, 1), (1, 0)]
     assert rt._ingest_calls.batches < 10
     rows = await rt.query("SELECT count(*) AS n FROM messages", fmt="records")
     assert rows == [{"n": 38}]
@@ -280,3 +291,43 @@ def _actors(rt: Runtime) -> list:  # type: ignore[type-arg]
 async def _ingest_range(rt: Runtime, start: int, n: int) -> None:
     for i in range(start, start + n):
         await rt.ingest([message(i)])
+
+
+async def test_stopping_with_ingests_in_flight_answers_every_committed_write(
+    symbiote_config: Config, loop_guard: LoopGuard
+) -> None:
+    # The runtime closes while an IngestBatch is being committed: its callers must hear
+    # that their rows are stored (the durability promise), and a caller told ActorStopped
+    # must not find its row stored.
+    outcome: dict[int, object] = {}
+    async with trio.open_nursery() as callers:
+        async with open_runtime(symbiote_config) as rt:
+
+            async def one(i: int) -> None:
+                try:
+                    outcome[i] = await rt.ingest([message(i)], timeout=30)
+                except ActorStopped:
+                    outcome[i] = "stopped"
+
+            for i in range(2000):
+                callers.start_soon(one, i)
+            writer = rt._sup.ref("data/writer")
+            with trio.fail_after(10):
+                # Until a batch is in flight and the writer has taken it (it is committing).
+                while not rt._ingest_calls._in_flight or writer.depth:
+                    await trio.lowlevel.checkpoint()
+    stored = await trio.to_thread.run_sync(_stored_event_ids, symbiote_config.db_path)
+    acked = {message(i).event_id for i, o in outcome.items() if isinstance(o, WriteAck)}
+    stopped = {message(i).event_id for i, o in outcome.items() if o == "stopped"}
+    assert len(outcome) == 2000
+    assert acked, f"no batch was committing at the close: {set(map(type, outcome.values()))}"
+    assert acked <= stored
+    assert not stopped & stored
+
+
+def _stored_event_ids(db_path: str) -> set[str]:
+    con = duckdb.connect(db_path, read_only=True)
+    try:
+        return {row[0] for row in con.execute("SELECT event_id FROM messages").fetchall()}
+    finally:
+        con.close()
