@@ -416,7 +416,8 @@ async def test_concurrent_searches_reach_the_index_as_shared_messages(rt: Runtim
     await wait_indexed(rt)
     calls = rt._knn_calls
     assert calls is not None
-    before = (calls.batches, calls.items)
+    index = rt._sup.ref("data/index")
+    before = (calls.batches, calls.items, index.processed)
     found: dict[int, str] = {}
 
     async def one(i: int) -> None:
@@ -428,6 +429,7 @@ async def test_concurrent_searches_reach_the_index_as_shared_messages(rt: Runtim
     assert found == {i: chunk_for(i).chunk_id for i in range(100)}
     batches, items = calls.batches - before[0], calls.items - before[1]
     assert items == 100 and batches < 10  # one KnnBatch per turn, not one Knn per query
+    assert index.processed - before[2] == batches  # and the index actor saw only those
 
 
 async def test_a_bad_query_among_concurrent_ones_fails_alone(rt: Runtime) -> None:

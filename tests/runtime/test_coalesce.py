@@ -78,11 +78,14 @@ async def test_concurrent_calls_go_out_as_one_batch_and_each_gets_its_answer() -
     assert (c.batches, c.items) == (1, 20)
 
 
-async def test_a_lone_caller_is_sent_at_once() -> None:
+async def test_a_lone_caller_is_sent_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    # Under the autojump clock a gathering timer would show as time passing.
     send = Recorder()
     async with running(send, max_batch=8, max_waiting=8) as c:
+        t0 = trio.current_time()
         for i in range(3):
             assert await c.call(i, timeout=5) == i * 10
+        assert trio.current_time() == t0
     assert send.batches == [[0], [1], [2]]
 
 
