@@ -20,10 +20,11 @@ Life cycle:
   damaged, or it claims a ``seq`` the database never reached -- then catches up in bounded
   rounds, with progress logged and snapshots taken along the way (a build killed halfway
   resumes from its last snapshot). Until that first catch-up is done the actor is *not ready*:
-  it answers :class:`Knn` and :class:`KnnBatch` at once with ``ready=False`` and no hits,
-  and the search planner answers with an exact scan inside DuckDB instead (correct, slower).
-  :class:`IndexStatus` reports the phase and progress, :class:`AwaitReady` waits for the end
-  of the build.
+  it answers :class:`Knn` and :class:`KnnBatch` with ``ready=False``: no hits while a
+  snapshot loads, then the hits of the partial index with the ``highest_seq`` it covers. The
+  search planner completes them with an exact scan of the newer rows inside DuckDB (see
+  ``KnnHits``). :class:`IndexStatus` reports the phase and progress, :class:`AwaitReady`
+  waits for the end of the build.
 * Then it follows the writer, serves searches micro-batched (the rows of every pending
   :class:`Knn` and :class:`KnnBatch`, up to ``max_batch``, go into one library call in a
   worker thread, as ``MicroBatcher`` does; the runtime sends one ``KnnBatch`` per turn of
@@ -136,8 +137,12 @@ class KnnBatch(msgspec.Struct, frozen=True, kw_only=True):
 class KnnHits(msgspec.Struct, frozen=True, kw_only=True):
     """Nearest first. ``count`` is the index size and ``highest_seq`` its commit sequence.
 
-    ``ready=False`` means the index is still being loaded or built: the lists are empty and
-    the caller must answer some other way (the planner scans exactly in DuckDB).
+    ``ready=False`` means the index is still being loaded or built. The hits then come from
+    the part built so far: every chunk change up to ``highest_seq`` (empty lists and 0 while
+    a snapshot is still loading), perhaps a few newer ones of a round being applied. The
+    caller must cover the rest: the planner checks these hits against the table (still
+    current, ``seq <= highest_seq``) and scans the rows committed after ``highest_seq``
+    exactly in DuckDB.
     """
 
     chunk_ids: list[str]
@@ -299,6 +304,7 @@ def _hits(
     k: int,
     count: int,
     seq: int,
+    ready: bool,
 ) -> KnnHits:
     """One row of a library answer as :class:`KnnHits` (its first ``k`` live hits)."""
     ids = ids[:k]
@@ -312,6 +318,7 @@ def _hits(
         distances=distances[:n],
         count=count,
         highest_seq=seq,
+        ready=ready,
     )
 
 
@@ -358,6 +365,9 @@ class Index(Actor):
         self._stop = threading.Event()
         self._phase: IndexPhase = "starting"
         self._ready = False
+        # True once a partial index can answer while the build goes on: after a snapshot
+        # loaded and its document map was read, or at once for a rebuild from empty.
+        self._partial = False
         # True while a round is half applied: the index then holds changes above its
         # highest_seq, so it must not be saved as a snapshot of highest_seq.
         self._round_open = False
@@ -499,17 +509,16 @@ class Index(Actor):
         except SymbioteError as exc:
             request.fail(exc)
             return
-        if not self._ready:
-            # A partial index would give a wrong top-k: say so at once (without queueing
-            # behind the build) and let the caller scan exactly.
+        if not self._ready and not self._partial:
+            # Nothing searchable yet (the snapshot is still loading): say so at once, and the
+            # caller scans exactly.
             self.searches_not_ready += len(vectors)
-            index = self._index
             hits = KnnHits(
                 chunk_ids=[],
                 document_ids=[],
                 distances=[],
-                count=self._indexed(),
-                highest_seq=index.highest_seq if index is not None else 0,
+                count=0,
+                highest_seq=0,
                 ready=False,
             )
             request.reply(hits if single else KnnBatchHits(rows=[hits] * len(vectors)))
@@ -579,6 +588,11 @@ class Index(Actor):
             queries = group[0].vectors
         else:
             queries = np.concatenate([s.vectors for s in group])
+        # Read before the search: while building, the hits then come from an index that
+        # holds at least every change up to ``seq`` (a round half applied adds newer ones,
+        # which the planner checks against the table).
+        ready = self._ready
+        seq = index.highest_seq
         try:
             # Each query was checked in _queue_search (so one bad request fails alone).
             res = await trio.to_thread.run_sync(
@@ -590,9 +604,10 @@ class Index(Actor):
             return
         self.batches += 1
         self.searches += len(queries)
+        if not ready:
+            self.searches_not_ready += len(queries)
         doc_of = self._doc_of
         count = len(index)
-        seq = index.highest_seq
         # Whole-batch conversions: one numpy call each instead of several per row.
         # Clamp float noise: a vector's distance to itself can come out as -2e-7.
         all_ids = res.ids.tolist()
@@ -611,6 +626,7 @@ class Index(Actor):
                     search.k,
                     count,
                     seq,
+                    ready,
                 )
                 for r in range(row, end)
             ]
@@ -639,6 +655,7 @@ class Index(Actor):
         else:
             self.rebuilt = True
             self._phase = "rebuilding"
+        self._partial = True
         log.info(
             "index build started",
             extra={
