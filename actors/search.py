@@ -14,11 +14,13 @@ HNSW, no filter) and ``sql`` (a reader: any read-only statement). Plans:
   ``max_fetch``) -> ``"exact"``: ``array_cosine_distance`` ORDER BY ... LIMIT k inside DuckDB
   over the rows the filter admits. Exact by construction.
 
-* **index not ready** (still loading or building after a start: the index answers
-  ``ready=False``) -> ``"exact"``: the same exact scan, with the filter or without. The
-  answer stays the true top-k while the index is built in the background; it costs a scan
-  of the table per query (O(rows), ~1 s per query at a million 768-d rows) until the index
-  is ready.
+* **index not ready** (loading or building after a start: the index answers
+  ``ready=False``) -> ``"hnsw+exact"``: the partial index's hits, kept if the table still
+  has them at a ``seq`` the index covers (and the filter admits them), merged with an exact
+  scan of the rows committed after that ``seq``. The scan is cheap once the build is far
+  along (a crash-restart catching up from its last snapshot scans only the newer rows);
+  while a snapshot is still loading nothing is indexed, and it is the exact scan of the
+  whole table (``"exact"``, O(rows): ~1 s per query at a million 768-d rows).
 
 The DuckDB check also makes the result follow the table exactly: a chunk deleted a moment
 ago but not yet out of the index is dropped by the check. ``rerank=True`` recomputes the
@@ -280,9 +282,11 @@ class SearchPlanner:
                     plan="hnsw",
                     fetched=kk,
                 )
-            # Still building: the exact scan, without asking the index a second time.
-            picked = await self._exact(query, kk, "TRUE", [], False, deadline)
-            plan, fetched = "exact", 0
+            # Still building: complete the partial index's answer (without asking again).
+            picked, plan = await self._while_building(
+                query, kk, hits, "TRUE", [], False, False, deadline
+            )
+            fetched = len(hits.chunk_ids)
         elif flt is None:
             picked, plan, fetched = await self._unfiltered(
                 query, kk, ef_, rerank, one_per_document, deadline
@@ -323,8 +327,10 @@ class SearchPlanner:
         while True:
             hits = await self._knn(query, fetch, ef, deadline.left())
             if not hits.ready:
-                exact = await self._exact(query, k, "TRUE", [], one_per_document, deadline)
-                return exact, "exact", 0
+                picked, plan = await self._while_building(
+                    query, k, hits, "TRUE", [], one_per_document, rerank, deadline
+                )
+                return picked, plan, len(hits.chunk_ids)
             cands = list(zip(hits.chunk_ids, hits.document_ids, hits.distances, strict=True))
             if rerank:
                 cands = await self._check(cands, "TRUE", [], query, deadline)
@@ -360,8 +366,10 @@ class SearchPlanner:
         while True:
             hits = await self._knn(query, fetch, ef, deadline.left())
             if not hits.ready:
-                exact = await self._exact(query, k, clause, params, one_per_document, deadline)
-                return exact, "exact", 0
+                picked, plan = await self._while_building(
+                    query, k, hits, clause, params, one_per_document, rerank, deadline
+                )
+                return picked, plan, len(hits.chunk_ids)
             cands = list(zip(hits.chunk_ids, hits.document_ids, hits.distances, strict=True))
             kept = await self._check(cands, clause, params, query if rerank else None, deadline)
             picked = _pick(kept, k, one_per_document)
@@ -374,6 +382,44 @@ class SearchPlanner:
                 exact = await self._exact(query, k, clause, params, one_per_document, deadline)
                 return exact, "exact", fetch
             fetch = min(self.max_fetch, fetch * GROWTH)
+
+    async def _while_building(
+        self,
+        query: F32Array,
+        k: int,
+        hits: KnnHits,
+        clause: str,
+        params: list[Any],
+        one_per_document: bool,
+        rerank: bool,
+        deadline: _Deadline,
+    ) -> tuple[list[Candidate], str]:
+        """The top-k while the index is still being built: what the partial index found
+        among the rows it holds, merged with an exact scan of the rows committed after them.
+
+        The partial index holds every chunk change up to ``hits.highest_seq`` (and perhaps a
+        few newer ones of a round half applied). Its hits are kept only if the table still
+        has that chunk at ``seq <= highest_seq`` (not changed or deleted since) and the filter
+        admits it; every row with a newer ``seq`` is scored exactly in DuckDB. The two sets
+        are disjoint, so the merge is a sort. With nothing indexed yet (a snapshot still
+        loading) this is the exact scan of the whole table.
+        """
+        high = hits.highest_seq
+        tail = await self._exact(
+            query, k, f"({clause}) AND c.seq > ?", [*params, high], one_per_document, deadline
+        )
+        if not hits.chunk_ids:
+            return tail, "exact"
+        cands = list(zip(hits.chunk_ids, hits.document_ids, hits.distances, strict=True))
+        held = await self._check(
+            cands,
+            f"({clause}) AND c.seq <= ?",
+            [*params, high],
+            query if rerank else None,
+            deadline,
+        )
+        merged = sorted(held + tail, key=lambda c: (c[2], c[0]))
+        return _pick(merged, k, one_per_document), "hnsw+exact"
 
     # -- DuckDB ----------------------------------------------------------------------------
 

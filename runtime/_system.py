@@ -717,8 +717,9 @@ class Runtime:
 
         The index is built in the background after a start: ``ready`` is False (and
         ``building`` True) until it has caught up with the table; ``count`` and
-        ``highest_seq`` against ``target_seq`` show how far it got. Searches are correct
-        meanwhile (exact scans in DuckDB), only slower.
+        ``highest_seq`` against ``target_seq`` show how far it got. Searches meanwhile use
+        what is indexed and scan the rest exactly in DuckDB (everything while a snapshot
+        loads): complete, slower the further the build has to go.
         """
         info: IndexInfo = await self._index_ref().ask(IndexStatus(), timeout=self._timeout(timeout))
         return info

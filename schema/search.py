@@ -82,9 +82,11 @@ class SearchHits(msgspec.Struct, frozen=True, kw_only=True):
 
     ``distances`` are cosine distances (``1 - cosine similarity``). ``plan`` says how the
     answer was found: ``"hnsw"`` (the index), ``"hnsw+filter"`` (index over-fetch checked
-    against DuckDB) or ``"exact"`` (a scan inside DuckDB: a very selective filter, or the
-    index is still being built after a start). ``fetched`` is how many index
-    candidates were examined (0 for an exact scan). ``rows`` is filled when asked for.
+    against DuckDB), ``"hnsw+exact"`` (while the index is still being built: its partial
+    answer, checked against DuckDB, plus an exact scan of the rows it does not hold yet) or
+    ``"exact"`` (a scan inside DuckDB: a very selective filter, or a snapshot still
+    loading). ``fetched`` is how many index candidates were examined (0 for an exact scan).
+    ``rows`` is filled when asked for.
     """
 
     chunk_ids: list[str]

@@ -492,6 +492,60 @@ async def test_a_bad_knn_batch_is_refused_whole_and_harmless(
     assert ref.restarts == 0
 
 
+async def test_a_partial_index_is_completed_by_the_table(rt: Runtime) -> None:
+    # A stale partial index (what the index actor answers while it builds: ready=False, with
+    # the highest_seq it covers) against a table that moved on: a chunk updated, one
+    # deleted, one added after that seq. The planner must answer from the table's current
+    # state: no deleted chunk, the updated one at its new place, the new one found.
+    from symbiote.actors.index import KnnHits
+    from symbiote.actors.search import SearchPlanner
+
+    await rt.upsert_chunks([chunk_for(i) for i in range(200)])
+    high = await db_high_water(rt)
+    stale = {chunk_for(i).chunk_id: (chunk_for(i).document_id, vector(i)) for i in range(200)}
+    updated = msgspec.structs.replace(chunk_for(5), embedding=vector(1005).tolist())
+    added = msgspec.structs.replace(chunk_for(2999), embedding=vector(2000).tolist())
+    await rt.upsert_chunks([updated, added])
+    await rt.delete_chunks([chunk_for(7).chunk_id])
+
+    ids = list(stale)
+    matrix = np.stack([stale[c][1] for c in ids])
+
+    async def partial_index(query: Any, k: int, ef: int | None, timeout: float) -> KnnHits:
+        dist = 1.0 - matrix @ np.asarray(query, np.float32)
+        top = np.argsort(dist)[:k]
+        return KnnHits(
+            chunk_ids=[ids[i] for i in top],
+            document_ids=[stale[ids[i]][0] for i in top],
+            distances=[float(dist[i]) for i in top],
+            count=len(ids),
+            highest_seq=high,
+            ready=False,
+        )
+
+    planner = SearchPlanner(dim=DIM, knn=partial_index, sql=rt._sql)
+
+    def search(q: np.ndarray, **kw: Any) -> Any:
+        return planner.search(q, 5, timeout=10.0, **kw)
+
+    moved = await search(vector(1005))
+    assert moved.plan == "hnsw+exact"
+    assert moved.chunk_ids[0] == updated.chunk_id and moved.distances[0] < 1e-5
+    assert len(set(moved.chunk_ids)) == len(moved.chunk_ids)
+    old_place = await search(vector(5))
+    assert updated.chunk_id not in old_place.chunk_ids[:1]  # not at its old vector any more
+    gone = await search(vector(7))
+    assert chunk_for(7).chunk_id not in gone.chunk_ids
+    new = await search(vector(2000))
+    assert new.chunk_ids[0] == added.chunk_id
+    kept = await search(vector(42), one_per_document=True, rerank=True)
+    assert kept.chunk_ids[0] == chunk_for(42).chunk_id and kept.distances[0] < 1e-5
+    assert len(set(kept.document_ids)) == len(kept.document_ids)
+    filtered = await search(vector(2000), where={"document_id": [added.document_id]})
+    assert filtered.chunk_ids[0] == added.chunk_id
+    assert set(filtered.document_ids) == {added.document_id}
+
+
 def test_index_dir_default() -> None:
     assert default_index_dir("/data/x.duckdb") == "/data/x.duckdb.index"
     assert default_index_dir(":memory:") is None

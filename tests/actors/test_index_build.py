@@ -1,7 +1,9 @@
 """The index is built in the background and keeps up with ingest (issue 4, follow-up).
 
 * ``open_runtime`` returns before a rebuild of a large-ish index is done; meanwhile searches
-  (plain and filtered) still return the true top-k, by exact scans in DuckDB.
+  (plain and filtered) answer from the partial index plus an exact scan of the rows it does
+  not hold yet, with the recall of the index itself (the true top-k while nothing is
+  indexed).
 * Stopping the runtime in the middle of a build is prompt.
 * Under a sustained 1,000 chunks/s ingest (with updates and deletes) the index lags the table
   by well under a second of ingest, and catches up within a second once the ingest stops.
@@ -79,7 +81,7 @@ def _truth(
     return {chunk_for(int(i), slots=BUILD_N).chunk_id for i in rows[np.argsort(dist)[:k]]}
 
 
-async def test_open_runtime_returns_before_the_rebuild_and_search_stays_exact(
+async def test_open_runtime_returns_before_the_rebuild_and_search_stays_complete(
     tmp_path: Path, loop_guard: LoopGuard, filled: tuple[Path, np.ndarray]
 ) -> None:
     src, matrix = filled
@@ -100,17 +102,29 @@ async def test_open_runtime_returns_before_the_rebuild_and_search_stays_exact(
         first = await rt.index_status()
         assert first.building and not first.ready and first.rebuilt
         during = 0
+        partial: list[float] = []
         for q, (truth, truth_filtered) in zip(queries, truths, strict=True):
             before = await rt.index_status()
-            plain = await rt.search(q, k=10)
-            filtered = await rt.search(q, k=10, where={"document_id": docs})
+            # Isotropic random 128-d vectors are HNSW's hard case: a wide ef, as below.
+            plain = await rt.search(q, k=10, ef=400)
+            filtered = await rt.search(q, k=10, ef=400, where={"document_id": docs})
             if not before.ready:
-                # Not ready yet: exact scans in DuckDB, so exactly the true top-k.
-                assert plain.plan == "exact" and set(plain.chunk_ids) == truth
-                assert filtered.plan == "exact" and set(filtered.chunk_ids) == truth_filtered
-                assert plain.distances == sorted(plain.distances)
+                # Not ready yet: nothing indexed -> the exact scan (exactly the true top-k);
+                # a partial index -> its hits plus an exact scan of the rest.
+                for hits, want in ((plain, truth), (filtered, truth_filtered)):
+                    if hits.plan in ("hnsw", "hnsw+filter"):
+                        continue  # the build finished between the status and this search
+                    assert hits.plan in ("exact", "hnsw+exact"), hits.plan
+                    assert hits.distances == sorted(hits.distances)
+                    assert len(hits) == 10
+                    if hits.plan == "exact":
+                        assert set(hits.chunk_ids) == want
+                    else:
+                        partial.append(len(want & set(hits.chunk_ids)) / 10)
                 during += 1
         assert during >= 5, "the build finished before the searches could run against it"
+        assert partial, "no search ran against the partial index"
+        assert float(np.mean(partial)) >= 0.9
         info = await rt.wait_index_ready(timeout=240)
         assert info.ready and info.phase == "ready" and info.count == BUILD_N
         assert info.build_s is not None and open_s < info.build_s / 2
