@@ -158,7 +158,7 @@ async def test_stopping_during_a_build_is_prompt(
         stop_at = time.monotonic()
     stop_s = time.monotonic() - stop_at
     remaining_s = (BUILD_N - info.count) / rate
-    # At most one sub-batch of 1,024 vectors plus the rest of the shutdown, not the build.
+    # At most one sub-batch (apply_rows vectors) plus the rest of the shutdown, not the build.
     assert stop_s < min(2.0, remaining_s / 2), (stop_s, remaining_s)
     # The next start resumes from the snapshot the build saved (and can be stopped again).
     async with open_runtime(config) as rt:
