@@ -302,7 +302,7 @@ class _Search:
 
 def _hits(
     ids: list[str | None],
-    docs: list[str | None],
+    docs: list[str],
     distances: list[float],
     k: int,
     count: int,
@@ -317,7 +317,7 @@ def _hits(
     n = len(ids)
     return KnnHits(
         chunk_ids=ids,  # type: ignore[arg-type]  # no None left
-        document_ids=[d or "" for d in docs[:n]],
+        document_ids=docs[:n],
         distances=distances[:n],
         count=count,
         highest_seq=seq,
@@ -615,9 +615,9 @@ class Index(Actor):
         # Clamp float noise: a vector's distance to itself can come out as -2e-7.
         all_ids = res.ids.tolist()
         all_dist = np.maximum(res.distances, 0.0).tolist()
-        # Document ids of the whole batch in one pass (a missing slot's None maps to None).
+        # Document ids of the whole batch in one pass ("" for a missing slot's None).
         width = res.ids.shape[1]
-        flat_docs = list(map(doc_of.get, itertools.chain.from_iterable(all_ids)))
+        flat_docs = [doc_of.get(c, "") for c in itertools.chain.from_iterable(all_ids)]
         row = 0
         for search in group:
             end = row + len(search.vectors)
