@@ -12,7 +12,7 @@ from symbiote.runtime._actor import Actor, ActorRef, ActorState, Inbox, Overload
 from symbiote.runtime._asyncio import AsyncioPortal, open_in_asyncio
 from symbiote.runtime._blocking import BlockingHost
 from symbiote.runtime._budget import RestartBudget
-from symbiote.runtime._coalesce import Coalescer
+from symbiote.runtime._coalesce import Coalescer, Ticket
 from symbiote.runtime._config import Config
 from symbiote.runtime._guard import LoopBlocked, LoopGuard, guard_loop
 from symbiote.runtime._specs import ChildSpec, SupervisorSpec
@@ -73,6 +73,7 @@ __all__ = [
     "SupervisorEscalation",
     "SupervisorSpec",
     "SymbioteError",
+    "Ticket",
     "TreeNode",
     "WrongMessage",
     "format_tree",

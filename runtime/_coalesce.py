@@ -23,6 +23,13 @@ The contract:
   (backpressure, then ``DeadlineExceeded``);
 * when :meth:`Coalescer.run` ends (its owner stops), every caller still queued or in flight
   gets :class:`ActorStopped`, and later calls raise it at once.
+
+A caller that keeps many calls in flight need not park a task on each: :meth:`Coalescer.submit`
+(and ``submit_nowait``, which raises :class:`Busy` instead of waiting for room) queues the item
+and returns a :class:`Ticket` to collect the answer from later. A producer that submits a
+window of items and then collects every answered ticket in one step parks once per batch, not
+once per item: with 1-message ingest that was 5.5 us of trio-thread time per request against
+13.8 us for a task per call (docs/data-layer.md).
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ from typing import Generic, NoReturn, TypeVar
 import trio
 
 from symbiote.runtime._reply import Reply, check_timeout, deadline_error
-from symbiote.schema.errors import ActorStopped, ConfigError, SymbioteError
+from symbiote.schema.errors import ActorStopped, Busy, ConfigError, SymbioteError
 
-__all__ = ["Coalescer"]
+__all__ = ["Coalescer", "Ticket"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -63,6 +70,54 @@ class _Waiting(Generic[T]):
         self.item = item
         self.deadline = deadline
         self.slot = slot
+
+
+class Ticket(Generic[R]):
+    """The answer to a submitted call, to be collected later (see :meth:`Coalescer.submit`).
+
+    The deadline was fixed at submission. A cancelled :meth:`wait` gives the call up, as a
+    cancelled :meth:`Coalescer.call` does: it may still be carried out, and its answer is
+    dropped.
+    """
+
+    __slots__ = ("_deadline", "_name", "_slot", "_timeout")
+
+    def __init__(self, slot: Reply, deadline: float, name: str, timeout: float) -> None:
+        self._slot = slot
+        self._deadline = deadline
+        self._name = name
+        self._timeout = timeout
+
+    @property
+    def done(self) -> bool:
+        """Whether the answer (a value or an error) has arrived."""
+        return self._slot.done
+
+    def result(self) -> R:
+        """The answer, without waiting: its value, or its error raised.
+
+        Raises ``trio.WouldBlock`` while it has not arrived.
+        """
+        slot = self._slot
+        if not slot.done:
+            raise trio.WouldBlock
+        if slot.error is not None:
+            raise slot.error
+        value: R = slot.value
+        return value
+
+    async def wait(self) -> R:
+        """Park until the answer arrives and return it (or raise its error).
+
+        Raises ``DeadlineExceeded`` once the deadline set at submission has passed
+        unanswered, ``trio.BusyResourceError`` if another task is already waiting on it.
+        Always a checkpoint.
+        """
+        if self._slot.parked:
+            raise trio.BusyResourceError("another task is already waiting on this ticket")
+        if not await self._slot.wait(self._deadline):
+            raise deadline_error(self._name, self._timeout)
+        return self.result()
 
 
 class Coalescer(Generic[T, R]):
@@ -117,21 +172,45 @@ class Coalescer(Generic[T, R]):
         """
         check_timeout(timeout)
         deadline = trio.current_time() + timeout
-        if self._closed:
-            raise self._closed_error()
         if len(self._queue) >= self.max_waiting:
             await self._wait_for_room(deadline, timeout)
-            if self._closed:  # woken by the close, not by room
-                raise self._closed_error()
-        slot = Reply()
-        self._queue.append(_Waiting(item, deadline, slot))
-        self._work.set()
+        slot = self._enqueue(item, deadline)
         if not await slot.wait(deadline):
             raise deadline_error(self.name, timeout)
         if slot.error is not None:
             raise slot.error
         result: R = slot.value
         return result
+
+    async def submit(self, item: T, *, timeout: float) -> Ticket[R]:
+        """Queue ``item`` for the next batch and return a :class:`Ticket` for its answer.
+
+        Waits only for room in the queue (backpressure, then ``DeadlineExceeded`` after
+        ``timeout``); ``timeout`` also bounds the wait for the answer. Always a checkpoint.
+        """
+        check_timeout(timeout)
+        deadline = trio.current_time() + timeout
+        if len(self._queue) >= self.max_waiting:
+            await self._wait_for_room(deadline, timeout)
+        else:
+            await trio.lowlevel.checkpoint()
+        return Ticket(self._enqueue(item, deadline), deadline, self.name, timeout)
+
+    def submit_nowait(self, item: T, *, timeout: float) -> Ticket[R]:
+        """Like :meth:`submit`, but raises :class:`Busy` at once when the queue is full."""
+        check_timeout(timeout)
+        if len(self._queue) >= self.max_waiting:
+            raise Busy(f"{self.name}: {self.max_waiting} calls are queued already")
+        deadline = trio.current_time() + timeout
+        return Ticket(self._enqueue(item, deadline), deadline, self.name, timeout)
+
+    def _enqueue(self, item: T, deadline: float) -> Reply:
+        if self._closed:
+            raise self._closed_error()
+        slot = Reply()
+        self._queue.append(_Waiting(item, deadline, slot))
+        self._work.set()
+        return slot
 
     async def _wait_for_room(self, deadline: float, timeout: float) -> None:
         while len(self._queue) >= self.max_waiting:

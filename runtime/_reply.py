@@ -49,6 +49,11 @@ class Reply:
         self._timer: _Timer | None = None
         self._abandon_event: trio.Event | None = None
 
+    @property
+    def parked(self) -> bool:
+        """Whether a task is parked in :meth:`wait` on this reply."""
+        return self._task is not None
+
     def set(self, value: Any, error: SymbioteError | None) -> bool:
         """Answer; False (and nothing changes) if already answered."""
         if self.done:

@@ -339,3 +339,120 @@ def test_limits_are_checked(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as info:
         Coalescer(Recorder(), name="t", **kwargs)
     assert info.value.field == field
+
+
+# -- tickets: calls submitted without a task parked on each ----------------------------------
+
+
+async def test_submitted_items_go_out_as_one_batch_and_tickets_hold_the_answers() -> None:
+    send = Recorder()
+    async with running(send, max_batch=64, max_waiting=64) as c:
+        tickets = [c.submit_nowait(i, timeout=10) for i in range(20)]
+        assert not any(t.done for t in tickets)  # nothing ran: submit_nowait never yields
+        with pytest.raises(trio.WouldBlock):
+            tickets[0].result()
+        assert await tickets[-1].wait() == 190
+        assert all(t.done for t in tickets)  # answered with the last one, in one batch
+        assert [t.result() for t in tickets] == [i * 10 for i in range(20)]
+    assert send.batches == [list(range(20))]
+
+
+async def test_a_ticket_raises_its_item_error_each_time_it_is_read() -> None:
+    send = Recorder()
+    send.fail_items = {1}
+    async with running(send, max_batch=8, max_waiting=8) as c:
+        good, bad = c.submit_nowait(0, timeout=10), c.submit_nowait(1, timeout=10)
+        with pytest.raises(BadArgument) as info:
+            await bad.wait()
+        assert info.value.field == "item1"
+        with pytest.raises(BadArgument):
+            bad.result()
+        assert good.result() == 0
+
+
+async def test_submit_nowait_refuses_with_busy_when_the_queue_is_full() -> None:
+    send = Recorder()
+    send.hold = True
+    async with running(send, max_batch=2, max_waiting=2) as c:
+        first = [c.submit_nowait(i, timeout=10) for i in range(2)]
+        await trio.testing.wait_all_tasks_blocked()  # taken: in flight, held
+        queued = [c.submit_nowait(i, timeout=10) for i in range(2, 4)]
+        with pytest.raises(Busy, match="2 calls are queued"):
+            c.submit_nowait(9, timeout=10)
+        send.hold = False
+        send.release.set()
+        assert [await t.wait() for t in first + queued] == [0, 10, 20, 30]
+    assert send.batches == [[0, 1], [2, 3]]  # the refused item never entered a batch
+
+
+async def test_submit_waits_for_room_then_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    send = Recorder()
+    send.hold = True
+    async with running(send, max_batch=1, max_waiting=1) as c:
+        c.submit_nowait(0, timeout=100)
+        await trio.testing.wait_all_tasks_blocked()
+        c.submit_nowait(1, timeout=100)  # fills the queue
+        t0 = trio.current_time()
+        with pytest.raises(DeadlineExceeded):
+            await c.submit(9, timeout=3.0)
+        assert trio.current_time() - t0 == pytest.approx(3.0)
+        assert c.waiting == 1
+        send.hold = False
+        send.release.set()
+        assert await (await c.submit(2, timeout=100)).wait() == 20
+
+
+async def test_a_ticket_keeps_the_deadline_of_its_submission(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder(delay=50.0)
+    async with running(send, max_batch=8, max_waiting=8) as c:
+        ticket = await c.submit(1, timeout=10.0)
+        await trio.sleep(8)
+        t0 = trio.current_time()
+        with pytest.raises(DeadlineExceeded):
+            await ticket.wait()
+        assert trio.current_time() - t0 == pytest.approx(2.0)  # 10 s from submission
+
+
+async def test_only_one_task_may_wait_on_a_ticket() -> None:
+    send = Recorder()
+    send.hold = True
+    async with running(send, max_batch=8, max_waiting=8) as c:
+        ticket = c.submit_nowait(1, timeout=10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticket.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await ticket.wait()
+            send.hold = False
+            send.release.set()
+        assert ticket.result() == 10
+
+
+async def test_stopping_fails_outstanding_tickets_and_later_submits() -> None:
+    send = Recorder()
+    send.hold = True
+    c: Coalescer[int, int] = Coalescer(send, name="writes", max_batch=2, max_waiting=8)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(c.run)
+        tickets = [c.submit_nowait(i, timeout=10) for i in range(5)]
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    for t in tickets:
+        with pytest.raises(ActorStopped):
+            t.result()
+    with pytest.raises(ActorStopped, match="writes is closed"):
+        c.submit_nowait(1, timeout=1)
+    with pytest.raises(ActorStopped):
+        await c.submit(1, timeout=1)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), 0.0, -1.0, "5"])
+async def test_a_bad_timeout_is_refused_at_submission(timeout: Any) -> None:
+    async with running(Recorder(), max_batch=8, max_waiting=8) as c:
+        with pytest.raises(BadArgument):
+            c.submit_nowait(1, timeout=timeout)
+        with pytest.raises(BadArgument):
+            await c.submit(1, timeout=timeout)
+        assert c.waiting == 0
