@@ -90,7 +90,7 @@ from symbiote.actors.search import SearchPlanner
 from symbiote.actors.writer import Writer
 from symbiote.runtime._actor import Actor, ActorRef
 from symbiote.runtime._blocking import BlockingHost
-from symbiote.runtime._coalesce import Coalescer
+from symbiote.runtime._coalesce import Coalescer, Ticket
 from symbiote.runtime._config import Config
 from symbiote.runtime._gil import switch_interval
 from symbiote.runtime._groups import unwrap_single
@@ -487,6 +487,27 @@ class Runtime:
         """
         request = IngestMessages(messages=tuple(messages))
         return await self._ingest_calls.call(request, timeout=self._timeout(timeout))
+
+    async def submit_ingest(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Ticket[WriteAck]:
+        """Queue messages for the writer without waiting for their commit.
+
+        Returns a :class:`Ticket` whose answer is what :meth:`ingest` would have returned
+        (or raised). Waits only while ``Config.writer_mailbox`` requests are queued
+        (backpressure); ``timeout`` bounds that wait and the commit. For a producer that
+        keeps many small requests in flight without a task per request: submit a window,
+        then collect the answered tickets (``done``, ``result()``) in one step.
+        """
+        request = IngestMessages(messages=tuple(messages))
+        return await self._ingest_calls.submit(request, timeout=self._timeout(timeout))
+
+    def submit_ingest_nowait(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Ticket[WriteAck]:
+        """Like :meth:`submit_ingest`, but raises :class:`Busy` at once when the queue is full."""
+        request = IngestMessages(messages=tuple(messages))
+        return self._ingest_calls.submit_nowait(request, timeout=self._timeout(timeout))
 
     async def upsert_documents(
         self, documents: Iterable[Document], *, timeout: float | None = None

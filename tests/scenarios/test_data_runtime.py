@@ -93,6 +93,28 @@ async def test_a_bad_ingest_among_concurrent_ones_fails_alone(symbiote_runtime: 
     assert rt._sup.ref("data/writer").restarts == 0
 
 
+async def test_submitted_ingests_are_committed_and_answered_one_by_one(
+    symbiote_runtime: Runtime,
+) -> None:
+    rt = symbiote_runtime
+    naive = message(7)
+    naive = msgspec.structs.replace(naive, ts=naive.ts.replace(tzinfo=None))
+    requests = [[message(i)] for i in range(300)]
+    requests[7] = [naive]
+    requests.append([message(3)])  # a repeat: a duplicate, not an error
+    # A producer's window, submitted without a task per request: a handful of batches.
+    tickets = [rt.submit_ingest_nowait(r) for r in requests[:200]]
+    tickets += [await rt.submit_ingest(r) for r in requests[200:]]
+    with pytest.raises(InvalidRecord) as info:
+        await tickets[7].wait()
+    assert info.value.field == "messages[0].ts"
+    acks = [await t.wait() for i, t in enumerate(tickets) if i != 7]
+    assert sum(a.written for a in acks) == 299 and sum(a.duplicates for a in acks) == 1
+    assert rt._ingest_calls.batches < 150
+    rows = await rt.query("SELECT count(DISTINCT event_id) AS n FROM messages", fmt="records")
+    assert rows == [{"n": 299}]
+
+
 async def test_bad_request_fails_alone_in_its_batch(symbiote_runtime: Runtime) -> None:
     rt = symbiote_runtime
     outcomes: dict[str, str] = {}
