@@ -8,8 +8,11 @@ dropped Egregora's three secondary indexes), each phase on a fresh database file
 
 * ``raw``: the anchor, one transaction inserting a prebuilt Arrow table of the rows;
 * ``per_row``: naive per-row ``INSERT`` with autocommit;
-* ``1msg`` / ``10msg``: saturating ``rt.ingest`` from 100 producers that each keep many
-  requests in flight (pipelined), with 1-message and 10-message requests;
+* ``1msg`` / ``10msg``: saturating ingest from 100 producers that each keep 20 requests in
+  flight (pipelined), with 1-message and 10-message requests: each producer is one task that
+  submits requests (``rt.submit_ingest_nowait``) and collects their acks from tickets;
+* ``1msg_tasks`` (for information): the same 1-message load with a task per request in
+  flight, each awaiting ``rt.ingest``;
 * ``ack latency``: a steady offered 10,000 messages/s of 1-message requests (open loop);
 * ``closed loop``: 100 producers each waiting for its ack before sending the next message,
   bounded by Little's law at 100 / ack latency (for information);
@@ -28,6 +31,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,9 @@ import pyarrow as pa
 import trio
 from _common import emit_json, percentile, print_table
 
-from symbiote.runtime import Config, Runtime, open_runtime
+from symbiote.runtime import Busy, Config, Runtime, Ticket, open_runtime
 from symbiote.schema.ddl import migrate
+from symbiote.schema.messages import WriteAck
 from symbiote.schema.records import Message
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -113,19 +118,54 @@ def config_for(root: Path, name: str) -> Config:
     return Config(db_path=str(root / f"{name}.duckdb"), dim=8, readers=4, duckdb_threads=THREADS)
 
 
-async def bench_saturating(root: Path, n: int, per_request: int) -> float:
-    """100 producers, each with many requests in flight, until n messages are committed."""
-    messages = make_messages(n, f"sat{per_request}")
+async def bench_saturating(root: Path, n: int, per_request: int, *, tickets: bool = True) -> float:
+    """100 producers with 20 requests in flight each, until n messages are committed.
+
+    With ``tickets`` each producer is one task: it submits requests without waiting for their
+    commits (``submit_ingest_nowait``) and collects the answered tickets when its window is
+    full. Without, each request in flight is a task of its own awaiting ``rt.ingest``.
+    """
+    messages = make_messages(n, f"sat{per_request}{'t' if tickets else 'c'}")
     requests = [messages[i : i + per_request] for i in range(0, n, per_request)]
     producers, in_flight = 100, 20
+    written = 0
+
+    async def produce(mine: list[list[Message]]) -> None:
+        nonlocal written
+        got = await _submit_all(rt, mine, in_flight)  # not `written += await`: a lost update
+        written += got
+
     async with open_runtime(config_for(root, f"sat{per_request}")) as rt:
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for p in range(producers):
                 mine = requests[p::producers]
-                for lane in range(in_flight):
-                    nursery.start_soon(_send_all, rt, mine[lane::in_flight])
-        return n / (time.perf_counter() - t0)
+                if tickets:
+                    nursery.start_soon(produce, mine)
+                else:
+                    for lane in range(in_flight):
+                        nursery.start_soon(_send_all, rt, mine[lane::in_flight])
+        took = time.perf_counter() - t0
+    if tickets and written != n:
+        raise RuntimeError(f"{n} messages submitted, {written} acknowledged as written")
+    return n / took
+
+
+async def _submit_all(rt: Runtime, requests: list[list[Message]], window: int) -> int:
+    """Submit ``requests`` keeping at most ``window`` unanswered; the rows written."""
+    pending: deque[Ticket[WriteAck]] = deque()
+    written = 0
+    for request in requests:
+        while len(pending) >= window:
+            ticket = pending.popleft()
+            written += (ticket.result() if ticket.done else await ticket.wait()).written
+        try:
+            pending.append(rt.submit_ingest_nowait(request, timeout=60))
+        except Busy:
+            pending.append(await rt.submit_ingest(request, timeout=60))
+    for ticket in pending:
+        written += (await ticket.wait()).written
+    return written
 
 
 async def _send_all(rt: Runtime, requests: list[list[Message]]) -> None:
@@ -253,6 +293,7 @@ async def run(quick: bool, root: Path) -> dict[str, Any]:
     per_row = bench_per_row(root, n_row)
     one = await bench_saturating(root, n_sat, 1)
     ten = await bench_saturating(root, n_sat, 10)
+    one_tasks = await bench_saturating(root, n_sat, 1, tickets=False)
     latency = await bench_ack_latency(root, 10_000, 3.0 if quick else 10.0)
     closed = await bench_closed_loop(root, 2.0 if quick else 10.0)
     lag = await bench_loop_lag(root, 150_000_000 if quick else 600_000_000, 10_000)
@@ -266,14 +307,19 @@ async def run(quick: bool, root: Path) -> dict[str, Any]:
                 "vs_raw": per_row / raw,
             },
             {
-                "path": "rt.ingest, 1-msg requests, pipelined",
+                "path": "submit_ingest, 1-msg requests, 20 in flight per producer",
                 "rows_per_s": one,
                 "vs_raw": one / raw,
             },
             {
-                "path": "rt.ingest, 10-msg requests, pipelined",
+                "path": "submit_ingest, 10-msg requests, 20 in flight per producer",
                 "rows_per_s": ten,
                 "vs_raw": ten / raw,
+            },
+            {
+                "path": "rt.ingest, 1-msg requests, a task per request in flight",
+                "rows_per_s": one_tasks,
+                "vs_raw": one_tasks / raw,
             },
             {
                 "path": "rt.ingest, closed loop (100 producers)",
@@ -297,6 +343,8 @@ async def run(quick: bool, root: Path) -> dict[str, Any]:
         "ratio_1msg_vs_per_row": one / per_row,
         "rows_per_s_10msg": ten,
         "ratio_10msg_vs_raw": ten / raw,
+        "rows_per_s_1msg_tasks": one_tasks,
+        "ratio_1msg_tasks_vs_raw": one_tasks / raw,
         "ack_offered_per_s": latency["offered_per_s"],
         "ack_achieved_per_s": latency["achieved_per_s"],
         "ack_p50_ms": latency["ack_p50_ms"],
