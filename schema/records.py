@@ -281,9 +281,10 @@ def validate_messages(
             _check_aware(ts, _path(path, i, "ts"), required=True)
         if m.created_at is not None:
             _check_aware(m.created_at, _path(path, i, "created_at"), required=False)
-        if m.media_type is not None and m.media_type not in MEDIA_TYPES:
+        media = m.media_type
+        if media is not None and (type(media) is not str or media not in MEDIA_TYPES):
             raise InvalidRecord(
-                f"must be one of {sorted(MEDIA_TYPES)} or null, got {m.media_type!r}",
+                f"must be one of {sorted(MEDIA_TYPES)} or null, got {media!r:.40}",
                 field=_path(path, i, "media_type"),
             )
 

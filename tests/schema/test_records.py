@@ -98,6 +98,12 @@ def test_media_type_domain() -> None:
     assert field_of(ei) == "messages[1].media_type"
 
 
+def test_unhashable_media_type_is_refused_not_a_crash() -> None:
+    with pytest.raises(InvalidRecord) as info:
+        validate_messages([message(0), message(1, media_type=["image"])], LIMITS)
+    assert field_of(info) == "messages[1].media_type"
+
+
 @pytest.mark.parametrize("field", ["event_id", "author_uuid"])
 def test_required_string_types(field: str) -> None:
     with pytest.raises(InvalidRecord) as ei:
