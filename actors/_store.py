@@ -19,7 +19,6 @@ import datetime as _dt
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any, Final, Literal, TypeVar
 
 import duckdb
@@ -54,12 +53,10 @@ from symbiote.schema.messages import (
     WriteRequest,
 )
 from symbiote.schema.records import (
-    MESSAGE_COLUMNS,
     Chunk,
     Document,
     Limits,
     Message,
-    message_columns,
     validate_chunks,
     validate_documents,
     validate_message_changes,
@@ -180,9 +177,6 @@ class _Prepared:
     #: A merged group of message requests, validated together: (request index, its
     #: messages) for each. None for a prepared single request.
     parts: list[tuple[int, tuple[Message, ...]]] | None = None
-    #: Messages only: one list per column (MESSAGE_COLUMNS), taken once for the checks and
-    #: the Arrow table.
-    columns: dict[str, list[Any]] | None = None
 
     @property
     def root(self) -> str:
@@ -199,8 +193,6 @@ class _Prepared:
 
 
 def _encode_json(values: Iterable[Any], cap: int, path: str, name: str) -> list[bytes | None]:
-    if isinstance(values, list) and values.count(None) == len(values):
-        return [None] * len(values)  # the usual pii_flags: one C-level pass
     out: list[bytes | None] = []
     append = out.append
     encode = _json_encoder.encode
@@ -228,28 +220,6 @@ def _encode_one_json(value: Any, cap: int, path: str) -> str:
     return raw.decode()
 
 
-def _prepare_messages(
-    index: int, msgs: tuple[Message, ...], limits: Limits, validate: bool
-) -> _Prepared:
-    # Whole-column checks first: a few C-level passes per column. Only when they cannot vouch
-    # for the rows does the per-message validator run, to name the fault (or to accept what
-    # the quick checks do not cover).
-    columns = message_columns(msgs, limits) if validate else None
-    if columns is None:
-        if validate:
-            validate_messages(msgs, limits)
-        columns = {name: list(map(attrgetter(name), msgs)) for name in MESSAGE_COLUMNS}
-    cap = limits.max_json_bytes
-    return _Prepared(
-        index,
-        "messages",
-        messages=msgs,
-        json_a=_encode_json(columns["attrs"], cap, "messages", "attrs"),
-        json_b=_encode_json(columns["pii_flags"], cap, "messages", "pii_flags"),
-        columns=columns,
-    )
-
-
 def _records(values: tuple[_R, ...], path: str) -> tuple[_R, ...]:
     # A struct does not check its field types when built in Python; a request that did not
     # come through the runtime may carry anything in place of its tuple of records.
@@ -269,7 +239,17 @@ def prepare_request(
     still encodes and size-checks JSON.
     """
     if isinstance(request, IngestMessages):
-        return _prepare_messages(index, _records(request.messages, "messages"), limits, validate)
+        msgs = _records(request.messages, "messages")
+        if validate:
+            validate_messages(msgs, limits)
+        cap = limits.max_json_bytes
+        return _Prepared(
+            index,
+            "messages",
+            messages=msgs,
+            json_a=_encode_json((m.attrs for m in msgs), cap, "messages", "attrs"),
+            json_b=_encode_json((m.pii_flags for m in msgs), cap, "messages", "pii_flags"),
+        )
     if isinstance(request, UpsertDocuments):
         docs = _records(request.documents, "documents")
         if validate:
@@ -476,7 +456,38 @@ def _write_messages(
     now: _dt.datetime,
     state: StoreState,
 ) -> dict[int, WriteAck]:
-    table, repeated = _message_table(preps, now)
+    msgs = [m for p in preps for m in p.messages]
+    attrs = [a for p in preps for a in p.json_a]
+    pii = [a for p in preps for a in p.json_b]
+    event_ids = [m.event_id for m in msgs]
+    # DuckDB keeps the first duplicate within one statement too, but that is not documented:
+    # deduplicate here so that "first occurrence wins" is ours to guarantee.
+    keep = _first_wins(event_ids)
+    if keep is not None:
+        msgs = [msgs[i] for i in keep]
+    table = pa.table(
+        {
+            "event_id": _col("event_id", _take(event_ids, keep), _STR),
+            "tenant_id": _col("tenant_id", [m.tenant_id for m in msgs], _STR),
+            "source": _col("source", [m.source for m in msgs], _STR),
+            "thread_id": _col("thread_id", [m.thread_id for m in msgs], _STR),
+            "msg_id": _col("msg_id", [m.msg_id for m in msgs], _STR),
+            "ts": _col("ts", [m.ts for m in msgs], _TS),
+            "author_raw": _col("author_raw", [m.author_raw for m in msgs], _STR),
+            "author_uuid": _col("author_uuid", [m.author_uuid for m in msgs], _STR),
+            "text": _col("text", [m.text for m in msgs], _STR),
+            "media_url": _col("media_url", [m.media_url for m in msgs], _STR),
+            "media_type": _col("media_type", [m.media_type for m in msgs], _STR),
+            "attrs": _col("attrs", _take(attrs, keep), _STR),
+            "pii_flags": _col("pii_flags", _take(pii, keep), _STR),
+            "created_at": _col(
+                "created_at",
+                [now if m.created_at is None else m.created_at for m in msgs],
+                _TS,
+            ),
+            "created_by_run": _col("created_by_run", [m.created_by_run for m in msgs], _STR),
+        }
+    )
     inserted: set[str] | None
     if state.careful_groups == 0 and _insert_all_new(con, table):
         inserted = None  # every row of the table went in
@@ -496,7 +507,7 @@ def _write_messages(
     repeats: set[str] = set()
     if state.partition is not None:
         repeats = _drop_archived_repeats(con, state.partition, table, inserted)
-    if inserted is None and not repeated and not repeats:
+    if inserted is None and keep is None and not repeats:
         # The real-time case: every message of the group was new. Acks are values, so one
         # per request size serves all (building a set of the keys and checking each message
         # against it cost about a microsecond per message).
@@ -516,43 +527,6 @@ def _write_messages(
                     new += 1
             acks[index] = WriteAck(written=new, duplicates=len(messages) - new)
     return acks
-
-
-def _message_table(preps: list[_Prepared], now: _dt.datetime) -> tuple[pa.Table, bool]:
-    """The group's messages as one Arrow table, the first of each event_id only; and whether
-    an event_id was repeated within the group."""
-    values: dict[str, list[Any]] = {}
-    for name in MESSAGE_COLUMNS:
-        if name == "attrs":
-            values[name] = [a for p in preps for a in p.json_a]
-        elif name == "pii_flags":
-            values[name] = [a for p in preps for a in p.json_b]
-        elif len(preps) == 1:
-            values[name] = _columns(preps[0])[name]
-        else:
-            values[name] = [v for p in preps for v in _columns(p)[name]]
-    # DuckDB keeps the first duplicate within one statement too, but that is not documented:
-    # deduplicate here so that "first occurrence wins" is ours to guarantee.
-    keep = _first_wins(values["event_id"])
-    if keep is not None:
-        values = {name: _take(column, keep) for name, column in values.items()}
-    created = values["created_at"]
-    arrays = {
-        name: _col(name, column, _TS if name == "ts" else _STR)
-        for name, column in values.items()
-        if name != "created_at"
-    }
-    if created.count(None) == len(created):
-        # The usual case: the batch's time for every row, without a conversion per row.
-        arrays["created_at"] = pa.repeat(pa.scalar(now, _TS), len(created))
-    else:
-        arrays["created_at"] = _col("created_at", [now if c is None else c for c in created], _TS)
-    return pa.table(arrays), keep is not None
-
-
-def _columns(p: _Prepared) -> dict[str, list[Any]]:
-    assert p.columns is not None  # set for every messages prep
-    return p.columns
 
 
 def _all_written(preps: list[_Prepared]) -> dict[int, WriteAck]:
@@ -1091,27 +1065,33 @@ def _prepare_messages_together(
     ]
     if len(picked) < 2:
         return None
-    for _, r in picked:
-        if len(r.messages) > limits.max_rows_per_request:
-            return None
-    msgs = tuple(m for _, r in picked for m in r.messages)
+    msgs = [m for _, r in picked for m in r.messages]
+    cap = limits.max_json_bytes
     try:
-        merged = _prepare_messages(
-            picked[0][0], msgs, replace_rows_cap(limits, len(msgs)), validate=True
-        )
+        for _, r in picked:
+            if len(r.messages) > limits.max_rows_per_request:
+                return None
+        validate_messages(msgs, replace_rows_cap(limits, len(msgs)))
+        attrs = _encode_json((m.attrs for m in msgs), cap, "messages", "attrs")
+        pii = _encode_json((m.pii_flags for m in msgs), cap, "messages", "pii_flags")
     except SymbioteError:
         return None
     # One record for the whole group: building one per request was a third of the writer
     # thread's Python time with 1-message requests. It is split again only if it fails.
-    merged.parts = [(i, r.messages) for i, r in picked]
-    return merged
+    return _Prepared(
+        picked[0][0],
+        "messages",
+        messages=tuple(msgs),
+        json_a=attrs,
+        json_b=pii,
+        parts=[(i, r.messages) for i, r in picked],
+    )
 
 
 def _split(p: _Prepared) -> list[_Prepared]:
     """A merged group as one prepared record per request (to isolate a failure)."""
     if p.parts is None:
         return [p]
-    columns = _columns(p)
     out: list[_Prepared] = []
     at = 0
     for index, messages in p.parts:
@@ -1123,7 +1103,6 @@ def _split(p: _Prepared) -> list[_Prepared]:
                 messages=messages,
                 json_a=p.json_a[at : at + n],
                 json_b=p.json_b[at : at + n],
-                columns={name: column[at : at + n] for name, column in columns.items()},
             )
         )
         at += n

@@ -26,7 +26,6 @@ each value once; those errors carry the same kind of field path.
 from __future__ import annotations
 
 import datetime as _dt
-import operator
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal, TypeVar
@@ -41,7 +40,6 @@ __all__ = [
     "CORRECTABLE_MESSAGE_FIELDS",
     "DEFAULT_LIMITS",
     "MEDIA_TYPES",
-    "MESSAGE_COLUMNS",
     "POST_STATUSES",
     "Chunk",
     "Document",
@@ -53,7 +51,6 @@ __all__ = [
     "decode_documents",
     "decode_messages",
     "embedding_matrix",
-    "message_columns",
     "validate_chunks",
     "validate_documents",
     "validate_message_changes",
@@ -290,71 +287,6 @@ def validate_messages(
                 f"must be one of {sorted(MEDIA_TYPES)} or null, got {media!r:.40}",
                 field=_path(path, i, "media_type"),
             )
-
-
-#: The columns of a message, in the order of its fields.
-MESSAGE_COLUMNS: Final = tuple(Message.__struct_fields__)
-
-_NONE: Final = type(None)
-_ONLY_STR: Final = frozenset({str})
-_STR_OR_NONE: Final = frozenset({str, _NONE})
-_ONLY_NONE: Final = frozenset({_NONE})
-_MEDIA_OR_NONE: Final = MEDIA_TYPES | {None}
-_tzinfo = operator.attrgetter("tzinfo")
-
-
-def message_columns(
-    messages: Sequence[Message], limits: Limits = DEFAULT_LIMITS
-) -> dict[str, list[Any]] | None:
-    """The messages as one list per column, if quick checks of whole columns pass; else None.
-
-    The checks are those of :func:`validate_messages`, run on each column with a few C-level
-    passes (the set of value types, the longest value) instead of a Python loop over the
-    fields of each message. They never accept what it refuses. None means "not shown valid
-    here": :func:`validate_messages` then names the fault, or accepts what these checks do not
-    cover (a timestamp in an aware zone other than UTC, a string longer than a quarter of its
-    byte cap).
-    """
-    if len(messages) > limits.max_rows_per_request:
-        return None
-    if messages and set(map(type, messages)) != {Message}:
-        return None
-    cols: dict[str, list[Any]] = {
-        name: list(map(operator.attrgetter(name), messages)) for name in MESSAGE_COLUMNS
-    }
-    if not messages:
-        return cols
-    id_quick = limits.max_id_bytes // 4
-    for name in _MESSAGE_REQUIRED:
-        col = cols[name]
-        if set(map(type, col)) != _ONLY_STR or max(map(len, col)) > id_quick:
-            return None
-    if min(map(len, cols["event_id"])) == 0:
-        return None
-    for name, quick in (
-        ("media_url", id_quick),
-        ("created_by_run", id_quick),
-        ("text", limits.max_text_bytes // 4),
-    ):
-        col = cols[name]
-        if not set(map(type, col)) <= _STR_OR_NONE:
-            return None
-        if max(map(len, filter(None, col)), default=0) > quick:
-            return None
-    ts = cols["ts"]
-    if set(map(type, ts)) != {_dt.datetime} or set(map(_tzinfo, ts)) != {_dt.UTC}:
-        return None
-    created = cols["created_at"]
-    if set(map(type, created)) != _ONLY_NONE:
-        present = [c for c in created if c is not None]
-        if set(map(type, present)) != {_dt.datetime} or set(map(_tzinfo, present)) != {_dt.UTC}:
-            return None
-    try:
-        if not set(cols["media_type"]) <= _MEDIA_OR_NONE:
-            return None
-    except TypeError:  # an unhashable value
-        return None
-    return cols
 
 
 _DOCUMENT_SHORT: Final = (

@@ -10,13 +10,10 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from symbiote.schema.errors import ConfigError, InvalidRecord, TooLarge
 from symbiote.schema.messages import IngestMessages
 from symbiote.schema.records import (
-    MESSAGE_COLUMNS,
     Chunk,
     Document,
     Limits,
@@ -25,7 +22,6 @@ from symbiote.schema.records import (
     decode_documents,
     decode_messages,
     embedding_matrix,
-    message_columns,
     validate_chunks,
     validate_documents,
     validate_messages,
@@ -276,67 +272,3 @@ def test_records_are_not_tracked_by_the_collector() -> None:
     m = message(0)
     assert not gc.is_tracked(m)
     assert not gc.is_tracked(IngestMessages(messages=(m,)))
-
-
-# -- whole-column checks (the writer's fast path) --------------------------------------------
-
-
-def test_message_columns_are_the_fields_column_by_column() -> None:
-    msgs = [message(0), message(1, media_type="image", text="hi", attrs={"a": 1})]
-    cols = message_columns(msgs, LIMITS)
-    assert cols is not None and tuple(cols) == MESSAGE_COLUMNS
-    for name in MESSAGE_COLUMNS:
-        assert cols[name] == [getattr(m, name) for m in msgs]
-    assert message_columns([], LIMITS) == {name: [] for name in MESSAGE_COLUMNS}
-
-
-_TOKYO = dt.timezone(dt.timedelta(hours=9))
-
-#: Each: a message the column checks cannot vouch for, and whether validate_messages refuses it.
-_DOUBTFUL = [
-    (message(1, ts=NOW.replace(tzinfo=None)), True),
-    (message(1, ts="2024-05-01"), True),
-    (message(1, created_at=NOW.replace(tzinfo=None)), True),
-    (message(1, event_id=""), True),
-    (message(1, event_id=7), True),
-    (message(1, tenant_id=None), True),
-    (message(1, text=b"bytes"), True),
-    (message(1, media_url=3), True),
-    (message(1, media_type="gif"), True),
-    (message(1, media_type=["image"]), True),
-    (message(1, author_uuid="u" * 33), True),
-    (message(1, text="x" * 101), True),
-    (message(1, ts=NOW.astimezone(_TOKYO)), False),  # aware, only not UTC
-    (message(1, created_at=NOW.astimezone(_TOKYO)), False),
-    (message(1, author_uuid="u" * 9), False),  # over a quarter of the byte cap, within it
-    (message(1, text="é" * 30), False),
-]
-
-
-@pytest.mark.parametrize(("odd", "refused"), _DOUBTFUL)
-def test_message_columns_defer_to_the_validator_when_in_doubt(odd: Message, refused: bool) -> None:
-    msgs = [message(0), odd, message(2)]
-    assert message_columns(msgs, LIMITS) is None
-    if refused:
-        with pytest.raises(InvalidRecord) as info:
-            validate_messages(msgs, LIMITS)
-        assert (info.value.field or "").startswith("messages[1]")
-    else:
-        validate_messages(msgs, LIMITS)
-
-
-def test_message_columns_refuse_a_foreign_record_and_too_many_rows() -> None:
-    assert message_columns([message(0), post()], LIMITS) is None  # type: ignore[list-item]
-    few = Limits(dim=4, max_rows_per_request=2)
-    assert message_columns([message(i) for i in range(3)], few) is None
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, len(_DOUBTFUL)), st.booleans()), max_size=6))
-def test_message_columns_never_accept_what_the_validator_refuses(
-    picks: list[tuple[int, bool]],
-) -> None:
-    # A mix of good and doubtful messages: whenever the columns come back, every row is valid.
-    msgs = [message(i) if i == len(_DOUBTFUL) or good else _DOUBTFUL[i][0] for i, good in picks]
-    if message_columns(msgs, LIMITS) is not None:
-        validate_messages(msgs, LIMITS)
