@@ -36,7 +36,16 @@ class Reply:
     actor can skip or interrupt work nobody will read.
     """
 
-    __slots__ = ("_abandon_event", "_task", "_timer", "abandoned", "done", "error", "value")
+    __slots__ = (
+        "_abandon_event",
+        "_due",
+        "_task",
+        "_timer",
+        "abandoned",
+        "done",
+        "error",
+        "value",
+    )
 
     def __init__(self) -> None:
         self.done = False
@@ -47,6 +56,9 @@ class Reply:
         # The run's timer, kept from wait(): answering is on every reply's path, and looking
         # the timer up again (a RunVar) cost a lookup per answer.
         self._timer: _Timer | None = None
+        # The key of this reply's live entry in the timer's heap: a reply waited on again
+        # (a ticket) leaves older entries behind, and only the live one counts.
+        self._due = -1
         self._abandon_event: trio.Event | None = None
 
     @property
@@ -85,10 +97,11 @@ class Reply:
             self._abandon_event = trio.Event()
         await self._abandon_event.wait()
 
-    async def wait(self, deadline: float) -> bool:
+    async def wait(self, deadline: float, *, abandon_on_cancel: bool = True) -> bool:
         """Park until answered or until ``deadline`` (trio time); True if answered.
 
-        Always a checkpoint. A cancelled caller abandons the reply and sees ``Cancelled``.
+        Always a checkpoint. A cancelled caller sees ``Cancelled`` and, unless
+        ``abandon_on_cancel`` is false (a ticket may be waited on again), abandons the reply.
         """
         if self.done:
             await trio.lowlevel.checkpoint()
@@ -100,7 +113,8 @@ class Reply:
         def abort(_: Any) -> trio.lowlevel.Abort:
             self._task = None
             timer.answered()
-            self.abandon()
+            if abandon_on_cancel:
+                self.abandon()
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
@@ -132,9 +146,10 @@ class _Timer:
         self._waiting += 1
         heap = self._heap
         if len(heap) > 2 * self._waiting + _SLACK:
-            heap[:] = [entry for entry in heap if entry[2]._task is not None]
+            heap[:] = [e for e in heap if e[2]._task is not None and e[2]._due == e[1]]
             heapq.heapify(heap)
-        heapq.heappush(heap, (deadline, next(self._order), reply))
+        key = reply._due = next(self._order)
+        heapq.heappush(heap, (deadline, key, reply))
         if deadline < self._wake_at:
             self._wake_at = deadline
             if self._scope is not None:
@@ -148,7 +163,9 @@ class _Timer:
         while True:
             now = trio.current_time()
             while heap and heap[0][0] <= now:
-                heapq.heappop(heap)[2]._expire()
+                _, key, reply = heapq.heappop(heap)
+                if reply._due == key:
+                    reply._expire()
             self._wake_at = heap[0][0] if heap else math.inf
             with trio.CancelScope(deadline=self._wake_at) as scope:
                 self._scope = scope

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from symbiote.runtime import ActorStopped, Busy, Coalescer, ConfigError, DeadlineExceeded
+from symbiote.runtime import ActorStopped, Busy, Coalescer, ConfigError, DeadlineExceeded, _reply
 from symbiote.runtime._coalesce import ANSWER_SLICE
 from symbiote.schema.errors import BadArgument, SymbioteError
 
@@ -456,3 +457,97 @@ async def test_a_bad_timeout_is_refused_at_submission(timeout: Any) -> None:
         with pytest.raises(BadArgument):
             await c.submit(1, timeout=timeout)
         assert c.waiting == 0
+
+
+async def test_submit_is_always_a_checkpoint() -> None:
+    async with running(Recorder(), max_batch=8, max_waiting=8) as c:
+        with trio.testing.assert_checkpoints():
+            ticket = await c.submit(1, timeout=10)
+        assert await ticket.wait() == 10
+
+
+async def test_concurrent_submits_never_overfill_the_queue() -> None:
+    send = Recorder()
+    send.hold = True
+    async with running(send, max_batch=1, max_waiting=2) as c:
+        c.submit_nowait(0, timeout=10)
+        await trio.testing.wait_all_tasks_blocked()  # in flight, held; the queue is empty
+        async with trio.open_nursery() as nursery:
+            for i in range(1, 11):
+                nursery.start_soon(functools.partial(c.submit, i, timeout=10))
+            await trio.testing.wait_all_tasks_blocked()
+            assert c.waiting == 2  # the other 8 wait for room
+            nursery.cancel_scope.cancel()
+        send.hold = False
+        send.release.set()
+
+
+async def test_reading_a_failed_ticket_again_raises_a_fresh_error() -> None:
+    send = Recorder()
+    send.fail_items = {1}
+    async with running(send, max_batch=8, max_waiting=8) as c:
+        bad = c.submit_nowait(1, timeout=10)
+        seen: list[BaseException] = []
+        for _ in range(20):
+            try:
+                await bad.wait()
+            except BadArgument as exc:
+                seen.append(exc)
+        depths = {len(traceback.extract_tb(e.__traceback__)) for e in seen}
+        assert len(depths) == 1 and len({id(e) for e in seen}) == 20
+
+
+async def test_a_ticket_past_its_deadline_is_not_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    send.hold = True
+    async with running(send, max_batch=8, max_waiting=8) as c:
+        c.submit_nowait(0, timeout=100)
+        await trio.testing.wait_all_tasks_blocked()  # held in flight
+        late = c.submit_nowait(1, timeout=1.0)
+        fresh = c.submit_nowait(2, timeout=100)
+        await trio.sleep(5)  # the deadline of 1 passes while it is queued; nobody waits
+        send.hold = False
+        send.release.set()
+        assert await fresh.wait() == 20
+        with pytest.raises(DeadlineExceeded, match=r"within 1\.0 s"):
+            late.result()
+    assert send.batches == [[0], [2]]
+
+
+async def test_a_cancelled_wait_leaves_the_call_going(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    send.hold = True
+    async with running(send, max_batch=1, max_waiting=4) as c:
+        c.submit_nowait(0, timeout=1000)
+        await trio.testing.wait_all_tasks_blocked()
+        ticket = c.submit_nowait(1, timeout=60)  # queued behind the held batch
+        with trio.move_on_after(1):
+            await ticket.wait()
+        send.hold = False
+        send.release.set()
+        t0 = trio.current_time()
+        assert await ticket.wait() == 10  # sent after all, and answered
+        assert trio.current_time() - t0 < 1
+    assert send.batches == [[0], [1]]
+
+
+async def test_waiting_on_a_ticket_again_and_again_keeps_the_timer_heap_bounded() -> None:
+    send = Recorder()
+    send.hold = True
+    async with running(send, max_batch=1, max_waiting=4) as c:
+        c.submit_nowait(0, timeout=1000)
+        await trio.testing.wait_all_tasks_blocked()
+        ticket = c.submit_nowait(1, timeout=1000)
+        for _ in range(3 * _reply._SLACK):
+            with trio.move_on_after(0):
+                await ticket.wait()
+        timer = _reply._TIMER.get()
+        assert timer._waiting == 0
+        assert len(timer._heap) <= 2 + _reply._SLACK
+        send.hold = False
+        send.release.set()
+        assert await ticket.wait() == 10
