@@ -53,6 +53,16 @@ async def running(send: Recorder, **limits: Any) -> AsyncIterator[Coalescer[int,
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def first_held(send: Recorder, **limits: Any) -> AsyncIterator[Coalescer[int, int]]:
+    """``running``, with a first batch (item 0) in flight and held until ``send.release``."""
+    send.hold = True
+    async with running(send, **limits) as c:
+        c.submit_nowait(0, timeout=1000)
+        await trio.testing.wait_all_tasks_blocked()
+        yield c
+
+
 async def _call_all(
     c: Coalescer[int, int], items: range, timeout: float = 10.0
 ) -> dict[int, object]:
@@ -388,10 +398,7 @@ async def test_submit_nowait_refuses_with_busy_when_the_queue_is_full() -> None:
 
 async def test_submit_waits_for_room_then_times_out(autojump_clock: trio.testing.MockClock) -> None:
     send = Recorder()
-    send.hold = True
-    async with running(send, max_batch=1, max_waiting=1) as c:
-        c.submit_nowait(0, timeout=100)
-        await trio.testing.wait_all_tasks_blocked()
+    async with first_held(send, max_batch=1, max_waiting=1) as c:
         c.submit_nowait(1, timeout=100)  # fills the queue
         t0 = trio.current_time()
         with pytest.raises(DeadlineExceeded):
@@ -468,10 +475,7 @@ async def test_submit_is_always_a_checkpoint() -> None:
 
 async def test_concurrent_submits_never_overfill_the_queue() -> None:
     send = Recorder()
-    send.hold = True
-    async with running(send, max_batch=1, max_waiting=2) as c:
-        c.submit_nowait(0, timeout=10)
-        await trio.testing.wait_all_tasks_blocked()  # in flight, held; the queue is empty
+    async with first_held(send, max_batch=1, max_waiting=2) as c:
         async with trio.open_nursery() as nursery:
             for i in range(1, 11):
                 nursery.start_soon(functools.partial(c.submit, i, timeout=10))
@@ -501,10 +505,7 @@ async def test_a_ticket_past_its_deadline_is_not_sent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     send = Recorder()
-    send.hold = True
-    async with running(send, max_batch=8, max_waiting=8) as c:
-        c.submit_nowait(0, timeout=100)
-        await trio.testing.wait_all_tasks_blocked()  # held in flight
+    async with first_held(send, max_batch=8, max_waiting=8) as c:
         late = c.submit_nowait(1, timeout=1.0)
         fresh = c.submit_nowait(2, timeout=100)
         await trio.sleep(5)  # the deadline of 1 passes while it is queued; nobody waits
@@ -520,10 +521,7 @@ async def test_a_cancelled_wait_leaves_the_call_going(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     send = Recorder()
-    send.hold = True
-    async with running(send, max_batch=1, max_waiting=4) as c:
-        c.submit_nowait(0, timeout=1000)
-        await trio.testing.wait_all_tasks_blocked()
+    async with first_held(send, max_batch=1, max_waiting=4) as c:
         ticket = c.submit_nowait(1, timeout=60)  # queued behind the held batch
         with trio.move_on_after(1):
             await ticket.wait()
@@ -537,10 +535,7 @@ async def test_a_cancelled_wait_leaves_the_call_going(
 
 async def test_waiting_on_a_ticket_again_and_again_keeps_the_timer_heap_bounded() -> None:
     send = Recorder()
-    send.hold = True
-    async with running(send, max_batch=1, max_waiting=4) as c:
-        c.submit_nowait(0, timeout=1000)
-        await trio.testing.wait_all_tasks_blocked()
+    async with first_held(send, max_batch=1, max_waiting=4) as c:
         ticket = c.submit_nowait(1, timeout=1000)
         for _ in range(3 * _reply._SLACK):
             with trio.move_on_after(0):
