@@ -80,9 +80,10 @@ class Ticket(Generic[R]):
     """The answer to a submitted call, to be collected later (see :meth:`Coalescer.submit`).
 
     The deadline was fixed at submission: a call still queued when it passes is not sent,
-    and its ticket holds ``DeadlineExceeded``. Cancelling a :meth:`wait` leaves the call as
-    it was (unlike cancelling :meth:`Coalescer.call`): it goes on, and its answer can still
-    be collected.
+    and its ticket holds ``DeadlineExceeded`` (from the moment a :meth:`wait` times out, or
+    else once the coalescer next takes from its queue). Cancelling a :meth:`wait` leaves the
+    call as it was (unlike cancelling :meth:`Coalescer.call`): it goes on, and its answer
+    can still be collected.
     """
 
     __slots__ = ("_deadline", "_name", "_slot", "_timeout")
@@ -123,7 +124,9 @@ class Ticket(Generic[R]):
         if self._slot.parked:
             raise trio.BusyResourceError("another task is already waiting on this ticket")
         if not await self._slot.wait(self._deadline, abandon_on_cancel=False):
-            raise deadline_error(self._name, self._timeout)
+            # Settled here, not only when the coalescer reaches the item: from now on
+            # ``done`` is true and ``result()`` raises this too (a later answer is ignored).
+            self._slot.set(None, deadline_error(self._name, self._timeout))
         return self.result()
 
 
@@ -282,10 +285,11 @@ class Coalescer(Generic[T, R]):
         self.items += len(live)
 
     def _expire(self, batch: list[_Waiting[T]], now: float) -> None:
-        # A parked caller past its deadline was woken by the timer; a ticket nobody waits
-        # on is not, so it is answered here, and in neither case is the item sent.
+        # Items past their deadline are not sent, and each is answered here: a ticket
+        # nobody waits on was never woken by the timer (answering a slot already answered,
+        # or one whose caller left, changes nothing).
         for w in batch:
-            if w.deadline <= now and not w.slot.abandoned:
+            if w.deadline <= now:
                 w.slot.set(None, deadline_error(self.name, w.timeout))
 
     def _take(self) -> list[_Waiting[T]]:

@@ -517,6 +517,23 @@ async def test_a_ticket_past_its_deadline_is_not_sent(
     assert send.batches == [[0], [2]]
 
 
+async def test_a_ticket_whose_wait_timed_out_holds_the_deadline_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=8, max_waiting=8) as c:
+        late = c.submit_nowait(1, timeout=1.0)  # queued behind the held batch
+        with pytest.raises(DeadlineExceeded):
+            await late.wait()
+        assert late.done  # settled at once, before the coalescer reaches it
+        send.hold = False
+        send.release.set()
+        await trio.sleep(5)
+        with pytest.raises(DeadlineExceeded, match=r"within 1\.0 s"):
+            late.result()
+    assert send.batches == [[0]]
+
+
 async def test_a_cancelled_wait_leaves_the_call_going(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
