@@ -332,9 +332,10 @@ def _exec(
 ) -> duckdb.DuckDBPyConnection:
     # ``rows`` is what the statement reads as ``_symbiote_rows``: DuckDB resolves a table
     # name it does not know to a local variable of the frame calling ``execute`` (a
-    # replacement scan). Registering a view instead is a catalog change in the transaction:
-    # 0.8 ms more per transaction into messages_hot (2.7 against 3.6 ms for one row, 10.1
-    # against 11.1 ms for 2,000; docs/data-layer.md).
+    # replacement scan; a catalog table of that name would win, and none exists).
+    # Registering a view instead is a catalog change in the transaction: 0.8 ms more per
+    # transaction into messages_hot (2.7 against 3.6 ms for one row, 10.1 against 11.1 ms
+    # for 2,000; docs/data-layer.md).
     _symbiote_rows = rows  # read by DuckDB, by name
     try:
         return con.execute(sql, params)
