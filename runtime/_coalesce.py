@@ -20,7 +20,8 @@ The contract:
 * at most ``max_batch`` items per message (and, given a ``weight`` per item, at most
   ``max_weight`` in all, so a batch of writes stays within the writer's group bound) and
   ``max_waiting`` callers queued: past that a caller waits for room until its deadline
-  (backpressure, then ``DeadlineExceeded``);
+  (backpressure, then ``DeadlineExceeded``), and room goes to waiting callers in their
+  order of arrival (a newcomer never takes a place ahead of them);
 * when :meth:`Coalescer.run` ends (its owner stops), every caller still queued or in flight
   gets :class:`ActorStopped`, and later calls raise it at once.
 
@@ -163,7 +164,10 @@ class Coalescer(Generic[T, R]):
         self._queue: list[_Waiting[T]] = []
         self._in_flight: list[_Waiting[T]] = []
         self._work = trio.Event()
-        self._room = trio.Event()
+        # Callers waiting for room, let in in arrival order; ``_reserved`` counts those let
+        # in (a place kept for them) that have not queued their item yet.
+        self._room_lot = trio.lowlevel.ParkingLot()
+        self._reserved = 0
         self._closed = False
         #: Batches sent and items answered, for introspection and tests.
         self.batches = 0
@@ -182,7 +186,7 @@ class Coalescer(Generic[T, R]):
         """
         check_timeout(timeout)
         deadline = trio.current_time() + timeout
-        if len(self._queue) >= self.max_waiting:
+        if self._full():
             await self._wait_for_room(deadline, timeout)
         slot = self._enqueue(item, deadline, timeout)
         if not await slot.wait(deadline):
@@ -203,15 +207,15 @@ class Coalescer(Generic[T, R]):
         # The checkpoint first: other tasks may fill the queue during it, and the room is
         # checked after it with nothing in between to the append.
         await trio.lowlevel.checkpoint()
-        if len(self._queue) >= self.max_waiting:
+        if self._full():
             await self._wait_for_room(deadline, timeout)
         return Ticket(self._enqueue(item, deadline, timeout), deadline, self.name, timeout)
 
     def submit_nowait(self, item: T, *, timeout: float) -> Ticket[R]:
         """Like :meth:`submit`, but raises :class:`Busy` at once when the queue is full."""
         check_timeout(timeout)
-        if len(self._queue) >= self.max_waiting:
-            raise Busy(f"{self.name}: {self.max_waiting} calls are queued already")
+        if self._full():
+            raise Busy(f"{self.name}: the queue is full ({self.max_waiting} calls)")
         deadline = trio.current_time() + timeout
         return Ticket(self._enqueue(item, deadline, timeout), deadline, self.name, timeout)
 
@@ -223,16 +227,25 @@ class Coalescer(Generic[T, R]):
         self._work.set()
         return slot
 
+    def _full(self) -> bool:
+        # Room goes to callers in arrival order: while anyone waits for it, or has been let
+        # in and not queued yet, a newcomer is behind them.
+        return len(self._queue) + self._reserved >= self.max_waiting or bool(self._room_lot)
+
     async def _wait_for_room(self, deadline: float, timeout: float) -> None:
-        while len(self._queue) >= self.max_waiting:
-            if self._closed:
-                raise self._closed_error()
-            if self._room.is_set():
-                self._room = trio.Event()
-            with trio.move_on_at(deadline) as scope:
-                await self._room.wait()
-            if scope.cancelled_caught:
-                raise deadline_error(self.name, timeout)
+        if self._closed:
+            raise self._closed_error()
+        with trio.move_on_at(deadline) as scope:
+            await self._room_lot.park()
+        if scope.cancelled_caught:
+            raise deadline_error(self.name, timeout)
+        # Let in by _let_in (a place was kept for this caller) or by the close.
+        self._reserved -= 1
+
+    def _let_in(self) -> None:
+        free = self.max_waiting - len(self._queue) - self._reserved
+        if free > 0 and self._room_lot:
+            self._reserved += len(self._room_lot.unpark(count=free))
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -256,7 +269,7 @@ class Coalescer(Generic[T, R]):
         # 18-23 ms against 9-12): docs/vector-search.md and docs/data-layer.md.
         # Taken without a checkpoint: everything queued while the last batch was in flight.
         batch = self._take()
-        self._room.set()
+        self._let_in()
         now = trio.current_time()
         live = [w for w in batch if not w.slot.abandoned and w.deadline > now]
         if len(live) < len(batch):
@@ -317,4 +330,4 @@ class Coalescer(Generic[T, R]):
             w.slot.set(None, self._closed_error())
         self._in_flight = []
         self._queue.clear()
-        self._room.set()
+        self._reserved += len(self._room_lot.unpark_all())

@@ -388,7 +388,7 @@ async def test_submit_nowait_refuses_with_busy_when_the_queue_is_full() -> None:
         first = [c.submit_nowait(i, timeout=10) for i in range(2)]
         await trio.testing.wait_all_tasks_blocked()  # taken: in flight, held
         queued = [c.submit_nowait(i, timeout=10) for i in range(2, 4)]
-        with pytest.raises(Busy, match="2 calls are queued"):
+        with pytest.raises(Busy, match=r"the queue is full \(2 calls\)"):
             c.submit_nowait(9, timeout=10)
         send.hold = False
         send.release.set()
@@ -563,3 +563,52 @@ async def test_waiting_on_a_ticket_again_and_again_keeps_the_timer_heap_bounded(
         send.hold = False
         send.release.set()
         assert await ticket.wait() == 10
+
+
+async def test_room_goes_to_waiting_callers_in_arrival_order() -> None:
+    send = Recorder()
+    newcomer: list[object] = []
+
+    class Probe(Recorder):
+        async def __call__(self, items: list[int], timeout: float) -> list[int | SymbioteError]:
+            if items == [1]:
+                # The batch just freed a place, and a waiting caller was let in but has not
+                # run yet: a newcomer must not take that place.
+                try:
+                    c.submit_nowait(99, timeout=10)
+                    newcomer.append("queued")
+                except Busy:
+                    newcomer.append("busy")
+            return await send(items, timeout)
+
+    send.hold = True
+    probe = Probe()
+    async with running(probe, max_batch=1, max_waiting=1) as c:
+        c.submit_nowait(0, timeout=100)
+        await trio.testing.wait_all_tasks_blocked()  # in flight, held
+        c.submit_nowait(1, timeout=100)  # the queue is full
+        async with trio.open_nursery() as callers:
+            for i in (10, 11, 12):
+                callers.start_soon(functools.partial(c.call, i, timeout=100))
+                await trio.testing.wait_all_tasks_blocked()  # parked, in this order
+            with pytest.raises(Busy):
+                c.submit_nowait(13, timeout=10)  # behind them
+            send.hold = False
+            send.release.set()
+    assert newcomer == ["busy"]
+    assert send.batches == [[0], [1], [10], [11], [12]]
+
+
+async def test_a_caller_let_in_then_timed_out_gives_its_place_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=1, max_waiting=1) as c:
+        c.submit_nowait(1, timeout=100)  # the queue is full
+        with pytest.raises(DeadlineExceeded):
+            await c.submit(2, timeout=1.0)  # waits for room, in vain
+        assert c._reserved == 0 and not c._room_lot
+        send.hold = False
+        send.release.set()
+        assert await (await c.submit(3, timeout=100)).wait() == 30
+    assert send.batches == [[0], [1], [3]]
