@@ -20,8 +20,8 @@ The contract:
 * at most ``max_batch`` items per message (and, given a ``weight`` per item, at most
   ``max_weight`` in all, so a batch of writes stays within the writer's group bound) and
   ``max_waiting`` callers queued: past that a caller waits for room until its deadline
-  (backpressure, then ``DeadlineExceeded``), and room goes to waiting callers in their
-  order of arrival (a newcomer never takes a place ahead of them);
+  (backpressure, then ``DeadlineExceeded``); waiting callers are queued, and so sent, in
+  their order of arrival, and a newcomer never takes a place ahead of them;
 * when :meth:`Coalescer.run` ends (its owner stops), every caller still queued or in flight
   gets :class:`ActorStopped`, and later calls raise it at once.
 
@@ -38,6 +38,7 @@ task at a time).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, NoReturn, TypeVar
 
@@ -75,6 +76,16 @@ class _Waiting(Generic[T]):
         self.deadline = deadline
         self.timeout = timeout
         self.slot = slot
+
+
+class _RoomWaiter(Generic[T]):
+    """A caller waiting for room, with the entry :meth:`Coalescer._let_in` queues for it."""
+
+    __slots__ = ("admitted", "entry")
+
+    def __init__(self, entry: _Waiting[T]) -> None:
+        self.entry = entry
+        self.admitted = trio.Event()
 
 
 class Ticket(Generic[R]):
@@ -164,10 +175,11 @@ class Coalescer(Generic[T, R]):
         self._queue: list[_Waiting[T]] = []
         self._in_flight: list[_Waiting[T]] = []
         self._work = trio.Event()
-        # Callers waiting for room, let in in arrival order; ``_reserved`` counts those let
-        # in (a place kept for them) that have not queued their item yet.
-        self._room_lot = trio.lowlevel.ParkingLot()
-        self._reserved = 0
+        # Callers waiting for room, in arrival order: _let_in queues their entries as batches
+        # free places, so they are sent in that order too.
+        self._room_waiters: collections.OrderedDict[_RoomWaiter[T], None] = (
+            collections.OrderedDict()
+        )
         self._closed = False
         #: Batches sent and items answered, for introspection and tests.
         self.batches = 0
@@ -186,9 +198,7 @@ class Coalescer(Generic[T, R]):
         """
         check_timeout(timeout)
         deadline = trio.current_time() + timeout
-        if self._full():
-            await self._wait_for_room(deadline, timeout)
-        slot = self._enqueue(item, deadline, timeout)
+        slot = await self._enqueue(_Waiting(item, deadline, timeout, Reply()))
         if not await slot.wait(deadline):
             raise deadline_error(self.name, timeout)
         if slot.error is not None:
@@ -207,45 +217,63 @@ class Coalescer(Generic[T, R]):
         # The checkpoint first: other tasks may fill the queue during it, and the room is
         # checked after it with nothing in between to the append.
         await trio.lowlevel.checkpoint()
-        if self._full():
-            await self._wait_for_room(deadline, timeout)
-        return Ticket(self._enqueue(item, deadline, timeout), deadline, self.name, timeout)
+        slot = await self._enqueue(_Waiting(item, deadline, timeout, Reply()))
+        return Ticket(slot, deadline, self.name, timeout)
 
     def submit_nowait(self, item: T, *, timeout: float) -> Ticket[R]:
         """Like :meth:`submit`, but raises :class:`Busy` at once when the queue is full."""
         check_timeout(timeout)
+        if self._closed:
+            raise self._closed_error()
         if self._full():
             raise Busy(f"{self.name}: the queue is full ({self.max_waiting} calls)")
         deadline = trio.current_time() + timeout
-        return Ticket(self._enqueue(item, deadline, timeout), deadline, self.name, timeout)
-
-    def _enqueue(self, item: T, deadline: float, timeout: float) -> Reply:
-        if self._closed:
-            raise self._closed_error()
-        slot = Reply()
-        self._queue.append(_Waiting(item, deadline, timeout, slot))
-        self._work.set()
-        return slot
+        entry = _Waiting(item, deadline, timeout, Reply())
+        self._queue_entry(entry)
+        return Ticket(entry.slot, deadline, self.name, timeout)
 
     def _full(self) -> bool:
-        # Room goes to callers in arrival order: while anyone waits for it, or has been let
-        # in and not queued yet, a newcomer is behind them.
-        return len(self._queue) + self._reserved >= self.max_waiting or bool(self._room_lot)
+        # Room goes to callers in arrival order: while anyone waits for it, a newcomer is
+        # behind them.
+        return len(self._queue) >= self.max_waiting or bool(self._room_waiters)
 
-    async def _wait_for_room(self, deadline: float, timeout: float) -> None:
+    def _queue_entry(self, entry: _Waiting[T]) -> None:
+        self._queue.append(entry)
+        self._work.set()
+
+    async def _enqueue(self, entry: _Waiting[T]) -> Reply:
+        """Queue ``entry`` (after waiting for room, in arrival order); its reply slot."""
         if self._closed:
             raise self._closed_error()
-        with trio.move_on_at(deadline) as scope:
-            await self._room_lot.park()
-        if scope.cancelled_caught:
-            raise deadline_error(self.name, timeout)
-        # Let in by _let_in (a place was kept for this caller) or by the close.
-        self._reserved -= 1
+        if not self._full():
+            self._queue_entry(entry)
+            return entry.slot
+        waiter = _RoomWaiter(entry)
+        self._room_waiters[waiter] = None
+        try:
+            with trio.move_on_at(entry.deadline):
+                await waiter.admitted.wait()
+        except BaseException:
+            # Cancelled from outside: if the entry was queued meanwhile, nobody will read
+            # its answer, so it need not be sent.
+            entry.slot.abandon()
+            raise
+        finally:
+            # Not admitted: this caller gives its turn up.
+            if not waiter.admitted.is_set():
+                del self._room_waiters[waiter]
+        if not waiter.admitted.is_set():
+            raise deadline_error(self.name, entry.timeout)
+        if self._closed:
+            raise self._closed_error()
+        return entry.slot
 
     def _let_in(self) -> None:
-        free = self.max_waiting - len(self._queue) - self._reserved
-        if free > 0 and self._room_lot:
-            self._reserved += len(self._room_lot.unpark(count=free))
+        """Queue the entries of waiting callers, oldest first, as far as there is room."""
+        while self._room_waiters and len(self._queue) < self.max_waiting:
+            waiter, _ = self._room_waiters.popitem(last=False)
+            self._queue_entry(waiter.entry)
+            waiter.admitted.set()
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -330,4 +358,6 @@ class Coalescer(Generic[T, R]):
             w.slot.set(None, self._closed_error())
         self._in_flight = []
         self._queue.clear()
-        self._reserved += len(self._room_lot.unpark_all())
+        for waiter in self._room_waiters:
+            waiter.admitted.set()  # they see the close
+        self._room_waiters.clear()

@@ -599,7 +599,7 @@ async def test_room_goes_to_waiting_callers_in_arrival_order() -> None:
     assert send.batches == [[0], [1], [10], [11], [12]]
 
 
-async def test_a_caller_let_in_then_timed_out_gives_its_place_back(
+async def test_a_caller_that_timed_out_waiting_for_room_leaves_no_trace(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     send = Recorder()
@@ -607,8 +607,49 @@ async def test_a_caller_let_in_then_timed_out_gives_its_place_back(
         c.submit_nowait(1, timeout=100)  # the queue is full
         with pytest.raises(DeadlineExceeded):
             await c.submit(2, timeout=1.0)  # waits for room, in vain
-        assert c._reserved == 0 and not c._room_lot
+        assert not c._room_waiters
         send.hold = False
         send.release.set()
         assert await (await c.submit(3, timeout=100)).wait() == 30
     assert send.batches == [[0], [1], [3]]
+
+
+async def test_callers_let_in_together_are_sent_in_arrival_order() -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=2, max_waiting=3) as c:
+        for i in (1, 2, 3):
+            c.submit_nowait(i, timeout=100)  # the queue is full
+        async with trio.open_nursery() as callers:
+            for i in (10, 11, 12):
+                callers.start_soon(functools.partial(c.call, i, timeout=100))
+                await trio.testing.wait_all_tasks_blocked()  # parked, in this order
+            send.hold = False
+            send.release.set()
+    assert send.batches == [[0], [1, 2], [3, 10], [11, 12]]
+
+
+async def test_submit_nowait_after_a_close_with_callers_waiting_says_stopped() -> None:
+    send = Recorder()
+    c: Coalescer[int, int] = Coalescer(send, name="t", max_batch=1, max_waiting=1)
+    send.hold = True
+    out: list[object] = []
+
+    async def wait_for_room(i: int) -> None:
+        try:
+            await c.call(i, timeout=100)
+        except ActorStopped as exc:
+            out.append(exc)
+
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(c.run)
+            c.submit_nowait(0, timeout=100)
+            await trio.testing.wait_all_tasks_blocked()  # in flight, held
+            c.submit_nowait(1, timeout=100)  # the queue is full
+            outer.start_soon(wait_for_room, 10)
+            outer.start_soon(wait_for_room, 11)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        with pytest.raises(ActorStopped):  # not Busy, though the waiters have not run yet
+            c.submit_nowait(99, timeout=10)
+    assert len(out) == 2
