@@ -198,7 +198,10 @@ class Coalescer(Generic[T, R]):
         """
         check_timeout(timeout)
         deadline = trio.current_time() + timeout
-        slot = await self._enqueue(_Waiting(item, deadline, timeout, Reply()))
+        entry = _Waiting(item, deadline, timeout, Reply())
+        if self._admit(entry):
+            await self._wait_for_room(entry)
+        slot = entry.slot
         if not await slot.wait(deadline):
             raise deadline_error(self.name, timeout)
         if slot.error is not None:
@@ -217,8 +220,10 @@ class Coalescer(Generic[T, R]):
         # The checkpoint first: other tasks may fill the queue during it, and the room is
         # checked after it with nothing in between to the append.
         await trio.lowlevel.checkpoint()
-        slot = await self._enqueue(_Waiting(item, deadline, timeout, Reply()))
-        return Ticket(slot, deadline, self.name, timeout)
+        entry = _Waiting(item, deadline, timeout, Reply())
+        if self._admit(entry):
+            await self._wait_for_room(entry)
+        return Ticket(entry.slot, deadline, self.name, timeout)
 
     def submit_nowait(self, item: T, *, timeout: float) -> Ticket[R]:
         """Like :meth:`submit`, but raises :class:`Busy` at once when the queue is full."""
@@ -241,13 +246,17 @@ class Coalescer(Generic[T, R]):
         self._queue.append(entry)
         self._work.set()
 
-    async def _enqueue(self, entry: _Waiting[T]) -> Reply:
-        """Queue ``entry`` (after waiting for room, in arrival order); its reply slot."""
+    def _admit(self, entry: _Waiting[T]) -> bool:
+        """Queue ``entry`` if there is room; True if the caller must wait for room."""
         if self._closed:
             raise self._closed_error()
-        if not self._full():
-            self._queue_entry(entry)
-            return entry.slot
+        if self._full():
+            return True
+        self._queue_entry(entry)
+        return False
+
+    async def _wait_for_room(self, entry: _Waiting[T]) -> None:
+        """Wait until :meth:`_let_in` has queued ``entry``, in arrival order."""
         waiter = _RoomWaiter(entry)
         self._room_waiters[waiter] = None
         try:
@@ -266,7 +275,6 @@ class Coalescer(Generic[T, R]):
             raise deadline_error(self.name, entry.timeout)
         if self._closed:
             raise self._closed_error()
-        return entry.slot
 
     def _let_in(self) -> None:
         """Queue the entries of waiting callers, oldest first, as far as there is room."""
