@@ -228,13 +228,10 @@ class Coalescer(Generic[T, R]):
     def submit_nowait(self, item: T, *, timeout: float) -> Ticket[R]:
         """Like :meth:`submit`, but raises :class:`Busy` at once when the queue is full."""
         check_timeout(timeout)
-        if self._closed:
-            raise self._closed_error()
-        if self._full():
-            raise Busy(f"{self.name}: the queue is full ({self.max_waiting} calls)")
         deadline = trio.current_time() + timeout
         entry = _Waiting(item, deadline, timeout, Reply())
-        self._queue_entry(entry)
+        if self._admit(entry):
+            raise Busy(f"{self.name}: the queue is full ({self.max_waiting} calls)")
         return Ticket(entry.slot, deadline, self.name, timeout)
 
     def _full(self) -> bool:
