@@ -310,7 +310,7 @@ class Coalescer(Generic[T, R]):
         if not live:
             return
         self._in_flight = live
-        timeout = max(w.deadline for w in live) - trio.current_time()
+        timeout = max(w.deadline for w in live) - now
         results: Sequence[R | SymbioteError]
         try:
             results = await self._send([w.item for w in live], max(timeout, _EXPIRED_S))

@@ -494,10 +494,12 @@ class Runtime:
         """Queue messages for the writer without waiting for their commit.
 
         Returns a :class:`Ticket` whose answer is what :meth:`ingest` would have returned
-        (or raised). Waits only while ``Config.writer_mailbox`` requests are queued
-        (backpressure); ``timeout`` bounds that wait and the commit. For a producer that
-        keeps many small requests in flight without a task per request: submit a window,
-        then collect the answered tickets (``done``, ``result()``) in one step.
+        (or raised). Waits only while the ingest queue is full (``Config.writer_mailbox``
+        requests, at least ``ingest_max_batch``) or earlier callers wait for room
+        (backpressure, in arrival order); ``timeout`` bounds that wait and the commit. For
+        a producer that keeps many small requests in flight without a task per request:
+        submit a window, then collect the answered tickets (``done``, ``result()``) in one
+        step.
         """
         request = IngestMessages(messages=tuple(messages))
         return await self._ingest_calls.submit(request, timeout=self._timeout(timeout))
