@@ -352,6 +352,29 @@ def _col(name: str, values: list[Any], typ: pa.DataType) -> pa.Array:
         raise _ColumnError(name, exc) from exc
 
 
+def _utc_col(name: str, values: list[_dt.datetime]) -> pa.Array:
+    """A timestamp column of validated, timezone-aware datetimes.
+
+    pyarrow converts an aware datetime in about 230 ns. When every value is in UTC the column
+    is built from msgspec's ISO strings and cast by Arrow instead, about 110 ns a value. Only
+    then: msgspec writes an offset to the minute, so a zone with an offset in seconds (old
+    local mean times) takes pyarrow's own conversion.
+    """
+    if {v.tzinfo for v in values} == {_dt.UTC}:
+        try:
+            return pc.cast(pa.array(msgspec.to_builtins(values), _STR), _TS)
+        except (pa.ArrowException, msgspec.MsgspecError, TypeError, ValueError):
+            pass  # pyarrow's conversion below names the fault
+    return _col(name, values, _TS)
+
+
+def _created_col(values: list[_dt.datetime | None], now: _dt.datetime) -> pa.Array:
+    """``created_at``: the commit's ``now`` where a message has none (nearly always all)."""
+    if values.count(None) == len(values):
+        return pa.repeat(pa.scalar(now, _TS), len(values))
+    return _utc_col("created_at", [now if v is None else v for v in values])
+
+
 def _insert_arrow(
     con: duckdb.DuckDBPyConnection, label: str, table: pa.Table, sql: str
 ) -> list[tuple[Any, ...]]:
@@ -478,7 +501,7 @@ def _write_messages(
             "source": _col("source", [m.source for m in msgs], _STR),
             "thread_id": _col("thread_id", [m.thread_id for m in msgs], _STR),
             "msg_id": _col("msg_id", [m.msg_id for m in msgs], _STR),
-            "ts": _col("ts", [m.ts for m in msgs], _TS),
+            "ts": _utc_col("ts", [m.ts for m in msgs]),
             "author_raw": _col("author_raw", [m.author_raw for m in msgs], _STR),
             "author_uuid": _col("author_uuid", [m.author_uuid for m in msgs], _STR),
             "text": _col("text", [m.text for m in msgs], _STR),
@@ -486,11 +509,7 @@ def _write_messages(
             "media_type": _col("media_type", [m.media_type for m in msgs], _STR),
             "attrs": _col("attrs", _take(attrs, keep), _STR),
             "pii_flags": _col("pii_flags", _take(pii, keep), _STR),
-            "created_at": _col(
-                "created_at",
-                [now if m.created_at is None else m.created_at for m in msgs],
-                _TS,
-            ),
+            "created_at": _created_col([m.created_at for m in msgs], now),
             "created_by_run": _col("created_by_run", [m.created_by_run for m in msgs], _STR),
         }
     )

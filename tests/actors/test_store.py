@@ -96,6 +96,38 @@ def test_ingest_roundtrip_and_created_at(con: duckdb.DuckDBPyConnection, state: 
     assert row == (int(NOW.timestamp() * 1_000_000), "hé", "image", "1", True)
 
 
+def test_timestamps_keep_their_instant_on_every_column_path(
+    con: duckdb.DuckDBPyConnection, state: StoreState
+) -> None:
+    # A group all in UTC takes the ISO-string path; any other zone, pyarrow's own conversion
+    # (an offset in seconds is one msgspec would round). Both must store the same instants.
+    lmt = dt.timezone(dt.timedelta(hours=5, minutes=30, seconds=7))
+    given = NOW - dt.timedelta(days=3, microseconds=17)
+    utc_group = [message(1, ts=NOW.replace(microsecond=123456)), message(2, created_at=given)]
+    mixed_group = [
+        message(3, ts=NOW.astimezone(lmt)),
+        message(4, ts=dt.datetime(1, 1, 1, tzinfo=dt.UTC)),
+    ]
+    for group in (utc_group, mixed_group):
+        assert apply_batch(con, [IngestMessages(messages=tuple(group))], state).outcomes == [
+            WriteAck(written=2)
+        ]
+    rows = con.execute(
+        "SELECT event_id, epoch_us(ts), epoch_us(created_at) FROM messages ORDER BY event_id"
+    ).fetchall()
+    stored = {r[0]: (r[1], r[2]) for r in rows}
+
+    def us(t: dt.datetime) -> int:
+        return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+
+    assert stored["e1"][0] == us(NOW.replace(microsecond=123456))
+    assert stored["e3"][0] == us(NOW)
+    assert stored["e4"][0] == us(dt.datetime(1, 1, 1, tzinfo=dt.UTC))
+    assert stored["e2"][1] == us(given)
+    # A message without created_at gets its commit's time.
+    assert stored["e1"][1] > us(given) and stored["e3"][1] >= stored["e1"][1]
+
+
 def test_ingest_is_idempotent(con: duckdb.DuckDBPyConnection, state: StoreState) -> None:
     assert apply_batch(con, [ingest(1, 2, 3)], state).outcomes == [WriteAck(written=3)]
     result = apply_batch(con, [ingest(2, 3, 4), ingest(4, 5), ingest(1)], state)
