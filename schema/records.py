@@ -239,54 +239,86 @@ def validate_messages(
         raise TooLarge(
             f"{len(messages)} records, more than {limits.max_rows_per_request}", field=path
         )
+    # Code points, not bytes: a string of at most cap/4 code points cannot exceed cap bytes.
+    id_quick = limits.max_id_bytes // 4
+    text_quick = limits.max_text_bytes // 4
+    utc = _dt.UTC
+    datetime = _dt.datetime
+    for i, m in enumerate(messages):
+        # One expression answers "certainly valid" for the common message (attribute reads,
+        # no getattr by name, no field path built): the writer checks every message of a group
+        # here, so this is per-row cost. Anything else gets the field-by-field check, which
+        # either passes it too or names the fault.
+        if not (
+            type(m) is Message
+            and type(ev := m.event_id) is str
+            and type(tenant := m.tenant_id) is str
+            and type(source := m.source) is str
+            and type(thread := m.thread_id) is str
+            and type(msg_id := m.msg_id) is str
+            and type(raw := m.author_raw) is str
+            and type(author := m.author_uuid) is str
+            and ev
+            and max(
+                len(ev), len(tenant), len(source), len(thread), len(msg_id), len(raw), len(author)
+            )
+            <= id_quick
+            and ((url := m.media_url) is None or (type(url) is str and len(url) <= id_quick))
+            and ((run := m.created_by_run) is None or (type(run) is str and len(run) <= id_quick))
+            and ((text := m.text) is None or (type(text) is str and len(text) <= text_quick))
+            and type(ts := m.ts) is datetime
+            and ts.tzinfo is utc
+            and (
+                (created := m.created_at) is None
+                or (type(created) is datetime and created.tzinfo is utc)
+            )
+            and ((media := m.media_type) is None or (type(media) is str and media in MEDIA_TYPES))
+        ):
+            _check_message(m, i, limits, path)
+
+
+def _check_message(m: object, i: int, limits: Limits, path: str) -> None:
+    """The field-by-field check of one message; raises naming the first faulty field."""
+    if type(m) is not Message:
+        raise InvalidRecord(f"expected Message, got {_type_name(m)}", field=f"{path}[{i}]")
     id_cap = limits.max_id_bytes
     text_cap = limits.max_text_bytes
-    # Code points, not bytes: a string of at most cap/4 code points cannot exceed cap bytes,
-    # so the byte count (and the field path string) is only computed past that bound.
     id_quick = id_cap // 4
     text_quick = text_cap // 4
-    for i, m in enumerate(messages):
-        if type(m) is not Message:
-            raise InvalidRecord(f"expected Message, got {_type_name(m)}", field=f"{path}[{i}]")
-        for name in _MESSAGE_REQUIRED:
-            v = getattr(m, name)
+    for name in _MESSAGE_REQUIRED:
+        v = getattr(m, name)
+        if type(v) is not str:
+            raise InvalidRecord(f"expected str, got {_type_name(v)}", field=_path(path, i, name))
+        if len(v) > id_quick:
+            _check_text(v, id_cap, _path(path, i, name))
+    if not m.event_id:
+        raise InvalidRecord("must not be empty", field=_path(path, i, "event_id"))
+    for name in _MESSAGE_OPTIONAL_SHORT:
+        v = getattr(m, name)
+        if v is not None:
             if type(v) is not str:
                 raise InvalidRecord(
                     f"expected str, got {_type_name(v)}", field=_path(path, i, name)
                 )
             if len(v) > id_quick:
                 _check_text(v, id_cap, _path(path, i, name))
-        if not m.event_id:
-            raise InvalidRecord("must not be empty", field=_path(path, i, "event_id"))
-        for name in _MESSAGE_OPTIONAL_SHORT:
-            v = getattr(m, name)
-            if v is not None:
-                if type(v) is not str:
-                    raise InvalidRecord(
-                        f"expected str, got {_type_name(v)}", field=_path(path, i, name)
-                    )
-                if len(v) > id_quick:
-                    _check_text(v, id_cap, _path(path, i, name))
-        text = m.text
-        if text is not None:
-            if type(text) is not str:
-                raise InvalidRecord(
-                    f"expected str, got {_type_name(text)}", field=_path(path, i, "text")
-                )
-            if len(text) > text_quick:
-                _check_text(text, text_cap, _path(path, i, "text"))
-        ts = m.ts
-        # Fast path first: the common case is a datetime already in UTC.
-        if not (type(ts) is _dt.datetime and ts.tzinfo is _dt.UTC):
-            _check_aware(ts, _path(path, i, "ts"), required=True)
-        if m.created_at is not None:
-            _check_aware(m.created_at, _path(path, i, "created_at"), required=False)
-        media = m.media_type
-        if media is not None and (type(media) is not str or media not in MEDIA_TYPES):
+    text = m.text
+    if text is not None:
+        if type(text) is not str:
             raise InvalidRecord(
-                f"must be one of {sorted(MEDIA_TYPES)} or null, got {media!r:.40}",
-                field=_path(path, i, "media_type"),
+                f"expected str, got {_type_name(text)}", field=_path(path, i, "text")
             )
+        if len(text) > text_quick:
+            _check_text(text, text_cap, _path(path, i, "text"))
+    _check_aware(m.ts, _path(path, i, "ts"), required=True)
+    if m.created_at is not None:
+        _check_aware(m.created_at, _path(path, i, "created_at"), required=False)
+    media = m.media_type
+    if media is not None and (type(media) is not str or media not in MEDIA_TYPES):
+        raise InvalidRecord(
+            f"must be one of {sorted(MEDIA_TYPES)} or null, got {media!r:.40}",
+            field=_path(path, i, "media_type"),
+        )
 
 
 _DOCUMENT_SHORT: Final = (

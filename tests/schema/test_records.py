@@ -104,11 +104,59 @@ def test_unhashable_media_type_is_refused_not_a_crash() -> None:
     assert field_of(info) == "messages[1].media_type"
 
 
-@pytest.mark.parametrize("field", ["event_id", "author_uuid"])
-def test_required_string_types(field: str) -> None:
+@pytest.mark.parametrize(
+    "field",
+    [
+        "event_id",
+        "tenant_id",
+        "source",
+        "thread_id",
+        "msg_id",
+        "author_raw",
+        "author_uuid",
+        "media_url",
+        "created_by_run",
+        "text",
+    ],
+)
+def test_string_field_types(field: str) -> None:
+    # Every string field, each behind valid messages: the fault is found in the right row.
     with pytest.raises(InvalidRecord) as ei:
-        validate_messages([message(**{field: 7})], LIMITS)
-    assert field_of(ei) == f"messages[0].{field}"
+        validate_messages([message(0), message(1), message(2, **{field: 7})], LIMITS)
+    assert field_of(ei) == f"messages[2].{field}"
+
+
+@pytest.mark.parametrize("field", ["author_raw", "media_url", "created_by_run"])
+def test_every_short_field_has_the_id_cap(field: str) -> None:
+    at_cap: dict[str, Any] = {field: "é" * 16}  # 32 bytes
+    over: dict[str, Any] = {field: "é" * 17}
+    validate_messages([message(0, **at_cap)], LIMITS)
+    with pytest.raises(TooLarge) as ei:
+        validate_messages([message(0), message(1, **over)], LIMITS)
+    assert field_of(ei) == f"messages[1].{field}"
+
+
+def test_uncommon_valid_messages_pass() -> None:
+    # Each is off the common shape (UTC, no media, no created_at, short strings) and valid.
+    class Stamp(dt.datetime):
+        pass
+
+    paris = dt.timezone(dt.timedelta(hours=2))
+    validate_messages(
+        [
+            message(0, created_at=dt.datetime(2024, 1, 1, tzinfo=paris)),
+            message(1, media_type="image", media_url="m"),
+            message(2, ts=Stamp(2024, 1, 1, tzinfo=dt.UTC)),
+            message(3, text="é" * 50, event_id="x" * 32),
+        ],
+        LIMITS,
+    )
+
+
+def test_naive_created_at_names_the_row() -> None:
+    with pytest.raises(InvalidRecord) as ei:
+        validate_messages([message(0), message(1, created_at=dt.datetime(2024, 1, 1))], LIMITS)
+    assert field_of(ei) == "messages[1].created_at"
 
 
 def test_empty_event_id() -> None:
