@@ -6,7 +6,8 @@ All figures come from one run, on the same Egregora-compatible messages schema (
 ``messages_hot`` behind the ``messages`` view, keyed by a unique ``event_id``; schema migration 5
 dropped Egregora's three secondary indexes), each phase on a fresh database file:
 
-* ``raw``: the anchor, one transaction inserting a prebuilt Arrow table of the rows;
+* ``raw``: the anchor, one transaction inserting a prebuilt Arrow table of the rows (the
+  median of three, each into a fresh file);
 * ``per_row``: naive per-row ``INSERT`` with autocommit;
 * ``1msg`` / ``10msg``: saturating ingest from 100 producers that each keep 20 requests in
   flight (pipelined), with 1-message and 10-message requests: each producer is one task that
@@ -29,6 +30,7 @@ import argparse
 import datetime as dt
 import logging
 import shutil
+import statistics
 import tempfile
 import time
 from collections import deque
@@ -87,18 +89,26 @@ def fresh_db(root: Path, name: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def bench_raw(root: Path, n: int) -> float:
+def bench_raw(root: Path, n: int, runs: int = 3) -> float:
+    """The anchor: one transaction inserting a prebuilt Arrow table; the median of ``runs``.
+
+    Each run takes a fresh file. One insert lasts well under a second, so a single run swings
+    with the host's load as much as the figures compared with it; the median steadies the
+    ratios without favouring either side.
+    """
     table = arrow_of(make_messages(n, "raw"))
-    con = fresh_db(root, "raw")
-    con.register("prebuilt", table)
     cols = ", ".join(table.column_names)
-    t0 = time.perf_counter()
-    con.execute("BEGIN")
-    con.execute(f"INSERT INTO messages_hot ({cols}) SELECT {cols} FROM prebuilt")
-    con.execute("COMMIT")
-    took = time.perf_counter() - t0
-    con.close()
-    return n / took
+    rates: list[float] = []
+    for run in range(runs):
+        con = fresh_db(root, f"raw{run}")
+        con.register("prebuilt", table)
+        t0 = time.perf_counter()
+        con.execute("BEGIN")
+        con.execute(f"INSERT INTO messages_hot ({cols}) SELECT {cols} FROM prebuilt")
+        con.execute("COMMIT")
+        rates.append(n / (time.perf_counter() - t0))
+        con.close()
+    return statistics.median(rates)
 
 
 def bench_per_row(root: Path, n: int) -> float:
