@@ -39,6 +39,7 @@ task at a time).
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, NoReturn, TypeVar
 
@@ -181,6 +182,11 @@ class Coalescer(Generic[T, R]):
             collections.OrderedDict()
         )
         self._closed = False
+        # For _make_room: the earliest deadline queued since its last scan (a bound: entries
+        # taken since may have held it), and how many callers gave up since then.
+        self._earliest = math.inf
+        self._left = 0
+        self._scans = 0
         #: Batches sent and items answered, for introspection and tests.
         self.batches = 0
         self.items = 0
@@ -202,7 +208,13 @@ class Coalescer(Generic[T, R]):
         if self._admit(entry):
             await self._wait_for_room(entry)
         slot = entry.slot
-        if not await slot.wait(deadline):
+        try:
+            answered = await slot.wait(deadline)
+        except BaseException:
+            # Cancelled: the entry, if still queued, is given up (_make_room may drop it).
+            self._left += 1
+            raise
+        if not answered:
             raise deadline_error(self.name, timeout)
         if slot.error is not None:
             raise slot.error
@@ -241,16 +253,41 @@ class Coalescer(Generic[T, R]):
 
     def _queue_entry(self, entry: _Waiting[T]) -> None:
         self._queue.append(entry)
+        if entry.deadline < self._earliest:
+            self._earliest = entry.deadline
         self._work.set()
 
     def _admit(self, entry: _Waiting[T]) -> bool:
         """Queue ``entry`` if there is room; True if the caller must wait for room."""
         if self._closed:
             raise self._closed_error()
-        if self._full():
+        if self._full() and not self._make_room():
             return True
         self._queue_entry(entry)
         return False
+
+    def _make_room(self) -> bool:
+        """Drop queued callers that left or whose deadline passed; True if a newcomer fits.
+
+        Such entries would otherwise hold their places until the next batch is taken, and a
+        full queue of them would refuse live callers. The scan covers the whole queue, so it
+        runs only when it can find something: a queued deadline has passed, or a caller has
+        given up, since the last one. A queue full of live callers is not scanned again for
+        every refused newcomer.
+        """
+        now = trio.current_time()
+        if now < self._earliest and not self._left:
+            return False
+        self._left = 0
+        self._scans += 1
+        live = [w for w in self._queue if not w.slot.abandoned and w.deadline > now]
+        self._earliest = min((w.deadline for w in live), default=math.inf)
+        if len(live) == len(self._queue):
+            return False
+        self._expire(self._queue, now)
+        self._queue = live
+        self._let_in()  # callers already waiting for room go first
+        return not self._full()
 
     async def _wait_for_room(self, entry: _Waiting[T]) -> None:
         """Wait until :meth:`_let_in` has queued ``entry``, in arrival order."""
@@ -301,12 +338,9 @@ class Coalescer(Generic[T, R]):
         # library's threads for the CPU) and for 1-message ingest (lower throughput, ack p50
         # 18-23 ms against 9-12): docs/vector-search.md and docs/data-layer.md.
         # Taken without a checkpoint: everything queued while the last batch was in flight.
-        batch = self._take()
-        self._let_in()
         now = trio.current_time()
-        live = [w for w in batch if not w.slot.abandoned and w.deadline > now]
-        if len(live) < len(batch):
-            self._expire(batch, now)
+        live = self._take(now)
+        self._let_in()
         if not live:
             return
         self._in_flight = live
@@ -330,7 +364,7 @@ class Coalescer(Generic[T, R]):
         self.batches += 1
         self.items += len(live)
 
-    def _expire(self, batch: list[_Waiting[T]], now: float) -> None:
+    def _expire(self, batch: Sequence[_Waiting[T]], now: float) -> None:
         # Items past their deadline are not sent, and each is answered here: a ticket
         # nobody waits on was never woken by the timer (answering a slot already answered,
         # or one whose caller left, changes nothing).
@@ -338,20 +372,49 @@ class Coalescer(Generic[T, R]):
             if w.deadline <= now:
                 w.slot.set(None, deadline_error(self.name, w.timeout))
 
-    def _take(self) -> list[_Waiting[T]]:
-        """The oldest queued callers: at most ``max_batch``, and at most ``max_weight`` in all
-        (but always one, however heavy)."""
-        count = self.max_batch
-        if self._weight is not None:
-            assert self.max_weight is not None
+    def _take(self, now: float) -> list[_Waiting[T]]:
+        """The oldest live callers: at most ``max_batch``, and at most ``max_weight`` in all
+        (but always one, however heavy).
+
+        Callers that left, or whose deadline passed while queued, are answered (the latter)
+        and skipped: they take no place in the batch.
+        """
+        head = self._queue[: self.max_batch]
+        if not all(not w.slot.abandoned and w.deadline > now for w in head):
+            return self._take_skipping(now)
+        # The common case, every candidate live: only the weight bound may cut the batch.
+        count = len(head)
+        weight, limit = self._weight, self.max_weight
+        if weight is not None and limit is not None:
             total = 0
-            for i, w in enumerate(self._queue[: self.max_batch]):
-                total += self._weight(w.item)
-                if i and total > self.max_weight:
+            for i, w in enumerate(head):
+                total += weight(w.item)
+                if i and total > limit:
                     count = i
                     break
-        batch = self._queue[:count]
         del self._queue[:count]
+        return head if count == len(head) else head[:count]
+
+    def _take_skipping(self, now: float) -> list[_Waiting[T]]:
+        """:meth:`_take` when some candidates are gone: they are answered and passed over."""
+        batch: list[_Waiting[T]] = []
+        weight, limit = self._weight, self.max_weight
+        total = 0
+        scanned = 0
+        for w in self._queue:
+            if len(batch) == self.max_batch:
+                break
+            if w.slot.abandoned or w.deadline <= now:
+                self._expire((w,), now)
+                scanned += 1
+                continue
+            if weight is not None and limit is not None:
+                total += weight(w.item)
+                if batch and total > limit:
+                    break
+            batch.append(w)
+            scanned += 1
+        del self._queue[:scanned]
         return batch
 
     def _closed_error(self) -> ActorStopped:

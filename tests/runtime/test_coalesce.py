@@ -653,3 +653,103 @@ async def test_submit_nowait_after_a_close_with_callers_waiting_says_stopped() -
         with pytest.raises(ActorStopped):  # not Busy, though the waiters have not run yet
             c.submit_nowait(99, timeout=10)
     assert len(out) == 2
+
+
+async def test_queued_callers_that_expired_take_no_place_in_a_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=2, max_waiting=8) as c:
+        late = c.submit_nowait(1, timeout=1.0)
+        fresh = [c.submit_nowait(i, timeout=100) for i in (2, 3)]
+        await trio.sleep(5)  # 1's deadline passes while it is queued
+        send.hold = False
+        send.release.set()
+        assert [await t.wait() for t in fresh] == [20, 30]
+        with pytest.raises(DeadlineExceeded):
+            late.result()
+    # 1 is skipped, not counted: 2 and 3 fill the batch of two together.
+    assert send.batches == [[0], [2, 3]]
+
+
+async def test_a_weighted_batch_skips_expired_callers_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=8, max_waiting=8, weight=lambda i: i, max_weight=5) as c:
+        late = c.submit_nowait(1, timeout=1.0)
+        fresh = [c.submit_nowait(i, timeout=100) for i in (2, 3, 4)]
+        await trio.sleep(5)
+        send.hold = False
+        send.release.set()
+        assert [await t.wait() for t in fresh] == [20, 30, 40]
+        with pytest.raises(DeadlineExceeded):
+            late.result()
+    # The expired 1 weighs nothing: 2 + 3 fill the weight of 5 together, then 4 goes alone.
+    assert send.batches == [[0], [2, 3], [4]]
+
+
+async def test_expired_callers_give_their_room_to_a_newcomer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=2, max_waiting=2) as c:
+        gone = [c.submit_nowait(i, timeout=1.0) for i in (1, 2)]
+        with pytest.raises(Busy):
+            c.submit_nowait(8, timeout=100)  # full of live callers: refused
+        await trio.sleep(5)  # both queued deadlines pass: their places are free again
+        newcomer = c.submit_nowait(3, timeout=100)
+        assert c.waiting == 1
+        send.hold = False
+        send.release.set()
+        assert await newcomer.wait() == 30
+        for t in gone:
+            with pytest.raises(DeadlineExceeded):
+                t.result()
+    assert send.batches == [[0], [3]]
+
+
+async def test_a_queue_full_of_live_callers_is_not_rescanned_for_each_refusal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=2, max_waiting=2) as c:
+        queued = [c.submit_nowait(i, timeout=100) for i in (1, 2)]
+        for i in range(50):
+            with pytest.raises(Busy):
+                c.submit_nowait(10 + i, timeout=100)
+        assert c._scans == 0  # nothing queued could have expired or been given up
+        await trio.sleep(200)  # now both have: one scan frees the queue
+        newcomer = c.submit_nowait(3, timeout=100)
+        assert c._scans == 1
+        send.hold = False
+        send.release.set()
+        assert await newcomer.wait() == 30
+        for t in queued:
+            with pytest.raises(DeadlineExceeded):
+                t.result()
+    assert send.batches == [[0], [3]]
+
+
+async def test_a_caller_that_gave_up_frees_its_place_in_a_full_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=2, max_waiting=2) as c:
+        async with trio.open_nursery() as callers:
+            stay = c.submit_nowait(1, timeout=100)
+
+            async def leave() -> None:
+                with trio.move_on_after(1):
+                    await c.call(2, timeout=100)
+
+            callers.start_soon(leave)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(Busy):
+                c.submit_nowait(8, timeout=100)
+            await trio.sleep(2)  # the caller of 2 gave up after 1 s
+            newcomer = c.submit_nowait(3, timeout=100)
+            send.hold = False
+            send.release.set()
+            assert [await stay.wait(), await newcomer.wait()] == [10, 30]
+    assert send.batches == [[0], [1, 3]]
