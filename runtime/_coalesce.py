@@ -209,10 +209,11 @@ class Coalescer(Generic[T, R]):
             await self._wait_for_room(entry)
         slot = entry.slot
         try:
-            answered = await slot.wait(deadline)
+            # Abandoned here rather than by the reply: the entry counts as given up for
+            # _make_room (via _left) from the same moment _take starts passing over it.
+            answered = await slot.wait(deadline, abandon_on_cancel=False)
         except BaseException:
-            # Cancelled: the entry, if still queued, is given up (_make_room may drop it).
-            self._left += 1
+            self._give_up(slot)
             raise
         if not answered:
             raise deadline_error(self.name, timeout)
@@ -286,7 +287,7 @@ class Coalescer(Generic[T, R]):
             return False
         self._expire(self._queue, now)
         self._queue = live
-        self._let_in()  # callers already waiting for room go first
+        self._let_in(now)  # callers already waiting for room go first
         return not self._full()
 
     async def _wait_for_room(self, entry: _Waiting[T]) -> None:
@@ -299,22 +300,35 @@ class Coalescer(Generic[T, R]):
         except BaseException:
             # Cancelled from outside: if the entry was queued meanwhile, nobody will read
             # its answer, so it need not be sent.
-            entry.slot.abandon()
+            self._give_up(entry.slot)
             raise
         finally:
-            # Not admitted: this caller gives its turn up.
+            # Not admitted: this caller gives its turn up (_let_in may have dropped it
+            # already, past its deadline).
             if not waiter.admitted.is_set():
-                del self._room_waiters[waiter]
+                self._room_waiters.pop(waiter, None)
         if not waiter.admitted.is_set():
             raise deadline_error(self.name, entry.timeout)
         if self._closed:
             raise self._closed_error()
 
-    def _let_in(self) -> None:
-        """Queue the entries of waiting callers, oldest first, as far as there is room."""
+    def _give_up(self, slot: Reply) -> None:
+        """A caller left: its entry, if queued, is dead weight for _make_room to drop."""
+        slot.abandon()
+        self._left += 1
+
+    def _let_in(self, now: float) -> None:
+        """Queue the entries of waiting callers, oldest first, as far as there is room.
+
+        A waiter already past its deadline, or gone, is dropped instead: its own timer
+        wakes it with ``DeadlineExceeded``, and it must not take a place it cannot use.
+        """
         while self._room_waiters and len(self._queue) < self.max_waiting:
             waiter, _ = self._room_waiters.popitem(last=False)
-            self._queue_entry(waiter.entry)
+            entry = waiter.entry
+            if entry.deadline <= now or entry.slot.abandoned:
+                continue
+            self._queue_entry(entry)
             waiter.admitted.set()
 
     async def run(
@@ -340,7 +354,7 @@ class Coalescer(Generic[T, R]):
         # Taken without a checkpoint: everything queued while the last batch was in flight.
         now = trio.current_time()
         live = self._take(now)
-        self._let_in()
+        self._let_in(now)
         if not live:
             return
         self._in_flight = live

@@ -753,3 +753,79 @@ async def test_a_caller_that_gave_up_frees_its_place_in_a_full_queue(
             send.release.set()
             assert [await stay.wait(), await newcomer.wait()] == [10, 30]
     assert send.batches == [[0], [1, 3]]
+
+
+async def test_callers_let_in_after_giving_up_waiting_for_room_free_their_places(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Two callers wait for room and are cancelled; before their tasks run, a newcomer's
+    # scan lets them in. Their entries are then dead: they must not keep the queue full.
+    send = Recorder()
+    async with first_held(send, max_batch=2, max_waiting=2) as c:
+        for i in (1, 2):
+            c.submit_nowait(i, timeout=1.0)  # they expire at t=1
+        scopes = [trio.CancelScope() for _ in range(2)]
+
+        async def caller(scope: trio.CancelScope, item: int) -> None:
+            with scope:
+                await c.call(item, timeout=100)
+
+        async with trio.open_nursery() as callers:
+            for scope, item in zip(scopes, (3, 4), strict=True):
+                callers.start_soon(caller, scope, item)
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(5)
+            for scope in scopes:
+                scope.cancel()
+            with pytest.raises(Busy):
+                c.submit_nowait(5, timeout=100)  # the scan lets 3 and 4 in, still live
+        newcomer = c.submit_nowait(6, timeout=100)  # 3 and 4 have left since
+        send.hold = False
+        send.release.set()
+        assert await newcomer.wait() == 60
+    assert send.batches == [[0], [6]]
+
+
+async def test_a_caller_waiting_for_room_past_its_deadline_is_not_let_in(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=1, max_waiting=1) as c:
+        c.submit_nowait(1, timeout=1.0)
+        async with trio.open_nursery() as callers:
+
+            async def waiter() -> None:
+                with pytest.raises(DeadlineExceeded):
+                    await c.call(2, timeout=2.0)
+
+            callers.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            autojump_clock.jump(5)  # 1 and the waiter for 2 are both past their deadlines
+            newcomer = c.submit_nowait(3, timeout=100)  # the waiter's task has not run yet
+        send.hold = False
+        send.release.set()
+        assert await newcomer.wait() == 30
+    assert send.batches == [[0], [3]]
+
+
+async def test_a_cancelled_call_frees_its_place_once_its_task_has_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send = Recorder()
+    async with first_held(send, max_batch=2, max_waiting=2) as c:
+        stay = c.submit_nowait(1, timeout=100)
+        scope = trio.CancelScope()
+
+        async def leave() -> None:
+            with scope:
+                await c.call(2, timeout=100)
+
+        async with trio.open_nursery() as callers:
+            callers.start_soon(leave)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+        newcomer = c.submit_nowait(3, timeout=100)
+        send.hold = False
+        send.release.set()
+        assert [await stay.wait(), await newcomer.wait()] == [10, 30]
+    assert send.batches == [[0], [1, 3]]
