@@ -360,7 +360,8 @@ def _utc_col(name: str, values: list[_dt.datetime]) -> pa.Array:
     then: msgspec writes an offset to the minute, so a zone with an offset in seconds (old
     local mean times) takes pyarrow's own conversion.
     """
-    if {v.tzinfo for v in values} == {_dt.UTC}:
+    # `is` per value, not a set of zones: a tzinfo may be unhashable (dateutil's are).
+    if all(v.tzinfo is _dt.UTC for v in values):
         try:
             return pc.cast(pa.array(msgspec.to_builtins(values), _STR), _TS)
         except (pa.ArrowException, msgspec.MsgspecError, TypeError, ValueError):

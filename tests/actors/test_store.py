@@ -128,6 +128,38 @@ def test_timestamps_keep_their_instant_on_every_column_path(
     assert stored["e1"][1] > us(given) and stored["e3"][1] >= stored["e1"][1]
 
 
+class _UnhashableUTC(dt.tzinfo):
+    """A UTC zone with ``__eq__`` and no ``__hash__``, as dateutil's zones are."""
+
+    def utcoffset(self, when: dt.datetime | None) -> dt.timedelta:
+        return dt.timedelta(0)
+
+    def dst(self, when: dt.datetime | None) -> dt.timedelta:
+        return dt.timedelta(0)
+
+    def tzname(self, when: dt.datetime | None) -> str:
+        return "UTC"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _UnhashableUTC)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_a_zone_that_cannot_be_hashed_is_stored_like_any_other(
+    con: duckdb.DuckDBPyConnection, state: StoreState
+) -> None:
+    zone = _UnhashableUTC()
+    m = message(1, ts=NOW.replace(tzinfo=zone), created_at=NOW.replace(tzinfo=zone))
+    assert apply_batch(con, [IngestMessages(messages=(m, message(2)))], state).outcomes == [
+        WriteAck(written=2)
+    ]
+    row = con.execute(
+        "SELECT epoch_us(ts), epoch_us(created_at) FROM messages WHERE event_id = 'e1'"
+    ).fetchone()
+    assert row == (int(NOW.timestamp() * 1_000_000),) * 2
+
+
 def test_ingest_is_idempotent(con: duckdb.DuckDBPyConnection, state: StoreState) -> None:
     assert apply_batch(con, [ingest(1, 2, 3)], state).outcomes == [WriteAck(written=3)]
     result = apply_batch(con, [ingest(2, 3, 4), ingest(4, 5), ingest(1)], state)
